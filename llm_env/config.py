@@ -1,0 +1,117 @@
+"""The one definition of the environment's options, shared by the single and the vector environment."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from llm_env.prompts import PromptOrder, PromptSource
+
+__all__ = ["AdapterDisabled", "EnvConfig"]
+
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+@dataclass(frozen=True)
+class AdapterDisabled:
+    """Use a peft (LoRA) model with its adapters switched off as the reference model.
+
+    With LoRA the frozen SFT model is exactly the base model under the adapter, so the environment runs
+    the policy's own weights inside ``model.disable_adapter()`` instead of holding a second copy
+    (Llama 2 and TRL's PPO did the same). Memory: one set of base weights for policy and reference.
+    """
+
+    model: nn.Module
+
+    def __post_init__(self) -> None:
+        if not callable(getattr(self.model, "disable_adapter", None)):
+            raise TypeError("AdapterDisabled needs a peft model (with a disable_adapter() context manager)")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Options of :class:`llm_env.TextGenEnv` and :class:`llm_env.TextGenVectorEnv`.
+
+    Both environments take these as keyword arguments (``gymnasium.make`` passes them through), or a
+    whole ``EnvConfig`` as their first argument.
+    """
+
+    prompts: PromptSource
+    """A JSONL path (one ``{"prompt": ...}`` per line) or any iterable of strings / mappings."""
+    reward: Any
+    """Reward source: a batched callable ``(prompts, responses) -> scores``, a sequence-classification
+    model object, or a path / hub name of one (including a directory saved by ``rewards.RewardModel``)."""
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None
+    """The policy's tokenizer, or its path; defaults to the reference model's path when that is a path."""
+    reference: nn.Module | str | os.PathLike | AdapterDisabled | None = None
+    """The frozen SFT reference: a causal LM object, a path / hub name, or ``AdapterDisabled(peft_model)``.
+    ``None`` means no KL penalty (``kl_coef`` must then be 0)."""
+    kl_coef: float | None = None
+    """beta of the per-token penalty ``-beta * KL``; defaults to 0.05 (TRL's default) with a reference and
+    0 without. Agents may change it between steps (adaptive KL control) through ``env.kl_coef``."""
+    kl_estimator: KLEstimator = "k1"
+    """Per-token KL estimator with ``d = logp - ref_logp``: k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d
+    (Schulman, http://joschu.net/blog/kl-approx.html)."""
+    max_new_tokens: int = 64
+    """Response length at which an episode is truncated."""
+    max_prompt_length: int | None = None
+    """Longest prompt in tokens; defaults to the longest prompt of the source."""
+    truncation_side: Literal["left", "right"] | None = None
+    """What to do with a prompt longer than ``max_prompt_length``: keep its end (``"left"``), its start
+    (``"right"``), or raise an error (``None``)."""
+    stop_token_ids: Sequence[int] | None = None
+    """Tokens that terminate an episode; defaults to the tokenizer's EOS token."""
+    missing_eos_penalty: float | None = None
+    """Subtracted from the final reward of a response truncated before any stop token (as TRL's PPO)."""
+    prompt_order: PromptOrder = "shuffle"
+    """``"shuffle"``: each sub-env walks a seeded permutation per epoch; ``"sequential"``: sub-env i takes
+    prompts i, i + B, i + 2B, ... (each prompt once per pass, for evaluation)."""
+    prompt_key: str = "prompt"
+    """Field holding the prompt in JSONL objects and mappings."""
+    chat_template: bool = False
+    """Wrap each prompt as a user message with the tokenizer's chat template."""
+    reward_tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None
+    """Tokenizer of a reward-model object (a reward path loads its own)."""
+    reward_batch_size: int = 32
+    """Responses per reward-model forward pass."""
+    device: torch.device | str = "cpu"
+    """Where the token state, the reference model and the returned tensors live (``"cuda"``, ``"auto"``)."""
+    dtype: torch.dtype | str | None = None
+    """dtype for models loaded from a path (``"bfloat16"`` on GPUs); ``None`` keeps the checkpoint's."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from model repositories. Off unless you trust the repository."""
+
+    def __post_init__(self) -> None:
+        if self.kl_coef is None:
+            object.__setattr__(self, "kl_coef", 0.05 if self.reference is not None else 0.0)
+        if not (isinstance(self.kl_coef, (int, float)) and math.isfinite(self.kl_coef) and self.kl_coef >= 0):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
+        if self.reference is None and self.kl_coef > 0:
+            raise ValueError(
+                f"kl_coef={self.kl_coef} needs a reference model: pass reference=... or set kl_coef=0"
+            )
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {self.kl_estimator!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.max_prompt_length is not None and (
+            not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1
+        ):
+            raise ValueError(f"max_prompt_length must be a positive integer, got {self.max_prompt_length!r}")
+        if self.truncation_side not in (None, "left", "right"):
+            raise ValueError(f"truncation_side must be 'left', 'right' or None, got {self.truncation_side!r}")
+        if self.prompt_order not in ("shuffle", "sequential"):
+            raise ValueError(f"prompt_order must be 'shuffle' or 'sequential', got {self.prompt_order!r}")
+        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
+            raise ValueError(f"missing_eos_penalty must be finite, got {self.missing_eos_penalty!r}")
+        if not isinstance(self.reward_batch_size, int) or self.reward_batch_size < 1:
+            raise ValueError(f"reward_batch_size must be a positive integer, got {self.reward_batch_size!r}")
+        if self.tokenizer is None and not isinstance(self.reference, (str, os.PathLike)):
+            raise ValueError("pass tokenizer=... (it can only be inferred when reference is a path)")

@@ -1,0 +1,364 @@
+"""The token logic shared by :class:`~llm_env.TextGenEnv` and :class:`~llm_env.TextGenVectorEnv`.
+
+:class:`EpisodeBatch` holds B episodes as tensors on the device (plus a host mirror of the tokens, so
+that texts and observations of the single environment never need a device read): it restarts rows with
+new prompts, appends one token per row per step, advances the reference model with its KV cache,
+computes the per-token KL reward, detects the episode ends and scores the finished responses in one
+batched reward call. The single environment is this class with B = 1; the vector environment adds
+Gymnasium's autoreset on top. Nothing here is duplicated between the two.
+
+Per-token reward (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022), with
+``d_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)`` and the chosen estimator ``k(d)``::
+
+    r_t = -beta * k(d_t)                                  on every generated token
+        + RM(prompt, response) [- missing_eos_penalty]    added on the last token of the response
+
+When the agent does not report ``log pi(a_t|s_t)``, the environment returns ``r_t = beta * log
+pi_ref(a_t|s_t)`` instead. Because ``-beta * KL(pi || pi_ref) = beta * E[log pi_ref] + beta * H(pi)``,
+this is the same objective with the entropy half left to the agent: an agent with an entropy bonus of
+coefficient beta (Stable-Baselines3's ``ent_coef``) optimises exactly the KL-regularised return.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from llm_env.config import AdapterDisabled, EnvConfig
+from llm_env.decoding import IncrementalLM, left_pad
+from llm_env.models import (
+    load_causal_lm,
+    load_tokenizer,
+    model_device,
+    model_vocab_size,
+    pad_token_id,
+    resolve_device,
+)
+from llm_env.prompts import load_prompts, tokenize_prompts
+from llm_env.reward import as_reward_function, check_scores
+
+__all__ = ["EpisodeBatch", "StepResult", "TokenActions", "kl_penalty"]
+
+
+class TokenActions(NamedTuple):
+    """An action together with the acting policy's log-probability of it.
+
+    ``env.step(TokenActions(tokens, logprobs))`` is how an agent reports ``log pi(a_t|s_t)`` so the
+    environment can compute the exact per-token KL penalty. For the single environment ``tokens`` is
+    an int and ``logprobs`` a float; for the vector environment both have shape ``(num_envs,)``.
+    A plain action (no log-probability) is also accepted: see the module docstring for the reward then.
+    """
+
+    tokens: Any
+    logprobs: Any
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate of ``KL(pi || pi_ref)`` from samples of pi.
+
+    With ``d = logprobs - ref_logprobs``: k1 = d (unbiased, can be negative), k2 = d^2 / 2, k3 = exp(-d) - 1 + d
+    (unbiased and non-negative). See http://joschu.net/blog/kl-approx.html.
+    """
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+@dataclass
+class StepResult:
+    """What :meth:`EpisodeBatch.step` returns."""
+
+    reward: torch.Tensor  # (B,) float32 on the device
+    terminated: np.ndarray  # (B,) bool: a stop token was emitted
+    truncated: np.ndarray  # (B,) bool: max_new_tokens reached without a stop token
+    finished: np.ndarray  # (n,) rows whose episode ended at this step
+    completions: dict[str, np.ndarray]  # per finished row (n,): see EpisodeBatch.COMPLETION_FIELDS
+
+
+class EpisodeBatch:
+    """B episodes of prompt + response, stepped in lockstep (see the module docstring)."""
+
+    COMPLETION_FIELDS = ("prompt", "response", "score", "kl", "return", "length", "eos", "prompt_index")
+
+    def __init__(self, config: EnvConfig, num_envs: int) -> None:
+        if not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        self.config = config
+        self.num_envs = num_envs
+        self.device = resolve_device(config.device)
+        self.kl_coef = float(config.kl_coef)
+
+        reference = config.reference
+        tokenizer_source = config.tokenizer if config.tokenizer is not None else reference
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(
+            tokenizer_source, trust_remote_code=config.trust_remote_code
+        )
+        self.pad_id = pad_token_id(self.tokenizer)
+
+        context = None
+        if isinstance(reference, AdapterDisabled):
+            context = reference.model.disable_adapter
+            reference = reference.model
+        if reference is not None:
+            reference = load_causal_lm(
+                reference, device=self.device, dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            )
+            if model_device(reference) != self.device:
+                if context is not None:
+                    raise ValueError(
+                        f"the adapter-disabled reference lives on {model_device(reference)} but the env device is "
+                        f"{self.device}; move the policy or pass device={model_device(reference)}"
+                    )
+                reference = reference.to(self.device)
+            if context is None:
+                reference.eval().requires_grad_(False)
+            self.vocab_size = model_vocab_size(reference)
+            if len(self.tokenizer) > self.vocab_size:
+                raise ValueError(
+                    f"the tokenizer has {len(self.tokenizer)} tokens but the reference model's vocabulary has "
+                    f"{self.vocab_size}: the tokenizer and the model do not belong together"
+                )
+        else:
+            self.vocab_size = len(self.tokenizer)
+        self.reference = reference
+
+        self.prompts = load_prompts(config.prompts, key=config.prompt_key)
+        self._prompt_ids = tokenize_prompts(
+            self.prompts,
+            self.tokenizer,
+            max_length=config.max_prompt_length,
+            truncation_side=config.truncation_side,
+            chat_template=config.chat_template,
+            vocab_size=self.vocab_size,
+        )
+        self.max_prompt_length = config.max_prompt_length or max(len(ids) for ids in self._prompt_ids)
+        self.max_new_tokens = config.max_new_tokens
+        self.max_length = self.max_prompt_length + self.max_new_tokens
+
+        stop = config.stop_token_ids
+        if stop is None:
+            stop = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+        stop = [int(t) for t in stop]
+        if any(not 0 <= t < self.vocab_size for t in stop):
+            raise ValueError(f"stop_token_ids {stop} are outside the vocabulary [0, {self.vocab_size})")
+        self.stop_token_ids = torch.tensor(stop, dtype=torch.long, device=self.device)
+
+        reward_tokenizer = config.reward_tokenizer
+        if reward_tokenizer is None and not isinstance(config.reward, (str, os.PathLike)):
+            reward_tokenizer = self.tokenizer
+        self.reward_fn = as_reward_function(
+            config.reward,
+            tokenizer=reward_tokenizer,
+            device=self.device,
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            batch_size=config.reward_batch_size,
+        )
+
+        B, L = num_envs, self.max_length
+        # Column L is a scratch column: rows that do not step this turn write their (ignored) token there.
+        self.tokens = torch.full((B, L + 1), self.pad_id, dtype=torch.long, device=self.device)
+        self.host_tokens = np.full((B, L + 1), self.pad_id, dtype=np.int64)
+        self.prompt_len = np.zeros(B, dtype=np.int64)
+        self.response_len = np.zeros(B, dtype=np.int64)
+        self.prompt_index = np.full(B, -1, dtype=np.int64)
+        self.has_logprobs = np.ones(B, dtype=bool)
+        self.kl_sum = torch.zeros(B, dtype=torch.float32, device=self.device)
+        self.return_sum = torch.zeros(B, dtype=torch.float32, device=self.device)
+        self._length = torch.zeros(B, dtype=torch.long, device=self.device)
+        self._columns = torch.arange(L, device=self.device)
+        self._rows = torch.arange(B, device=self.device)
+        self.lm = IncrementalLM(reference, B, L, context=context) if reference is not None else None
+        self.ref_logprobs: torch.Tensor | None = None  # (B, V) log pi_ref(. | s_t) of the current states
+        self.ready = np.zeros(B, dtype=bool)
+
+    # ----------------------------------------------------------------------------------------- prompts
+    def prompt_ids(self, index: int) -> np.ndarray:
+        """Token ids of prompt ``index``."""
+        return self._prompt_ids[index]
+
+    # ------------------------------------------------------------------------------------------ state
+    def reset_rows(self, rows: np.ndarray, indices: np.ndarray) -> None:
+        """Start new episodes in ``rows`` with prompts ``indices`` (host arrays of equal length)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        if rows.size == 0:
+            return
+        prompt_ids = [self.prompt_ids(int(i)) for i in indices]
+        self.host_tokens[rows] = self.pad_id
+        for row, ids in zip(rows, prompt_ids):
+            self.host_tokens[row, : len(ids)] = ids
+        rows_t = torch.from_numpy(rows).to(self.device)
+        self.tokens[rows_t] = torch.from_numpy(self.host_tokens[rows]).to(self.device)
+        lengths = np.fromiter((len(ids) for ids in prompt_ids), dtype=np.int64, count=len(prompt_ids))
+        self.prompt_len[rows] = lengths
+        self.response_len[rows] = 0
+        self.prompt_index[rows] = indices
+        self.has_logprobs[rows] = True
+        self._length[rows_t] = torch.from_numpy(lengths).to(self.device)
+        self.kl_sum[rows_t] = 0.0
+        self.return_sum[rows_t] = 0.0
+        self.ready[rows] = True
+        if self.lm is not None:
+            ids, lens = left_pad(prompt_ids, self.pad_id, self.device)
+            logits = self.lm.prefill(rows, ids, lens).logits
+            if self.ref_logprobs is None:
+                self.ref_logprobs = torch.zeros(
+                    self.num_envs, logits.shape[-1], dtype=torch.float32, device=self.device
+                )
+            self.ref_logprobs[rows_t] = torch.log_softmax(logits, dim=-1)
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, (B, L) int64 on the device (fresh tensors)."""
+        input_ids = self.tokens[:, : self.max_length].clone()
+        attention_mask = (self._columns[None, :] < self._length[:, None]).long()
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def host_observation(self, row: int) -> dict[str, np.ndarray]:
+        """The observation of one row as numpy arrays, built from the host mirror (no device read)."""
+        length = self.prompt_len[row] + self.response_len[row]
+        mask = np.zeros(self.max_length, dtype=np.int64)
+        mask[:length] = 1
+        return {"input_ids": self.host_tokens[row, : self.max_length].copy(), "attention_mask": mask}
+
+    def text(self, row: int) -> tuple[str, str]:
+        """(prompt, response so far) of a row as text."""
+        prompts, responses = self._texts(np.array([row]))
+        return prompts[0], responses[0]
+
+    def _texts(self, rows: np.ndarray) -> tuple[list[str], list[str]]:
+        prompts = [self.prompts[int(self.prompt_index[r])] for r in rows]
+        prompt_ids = [self.host_tokens[r, : self.prompt_len[r]] for r in rows]
+        full_ids = [self.host_tokens[r, : self.prompt_len[r] + self.response_len[r]] for r in rows]
+        heads = self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+        fulls = self.tokenizer.batch_decode(full_ids, skip_special_tokens=True)
+        responses = []
+        for r, head, full in zip(rows, heads, fulls):
+            if full.startswith(head):
+                responses.append(full[len(head) :])
+            else:  # tokenizers whose decoding is not prefix-stable
+                ids = self.host_tokens[r, self.prompt_len[r] : self.prompt_len[r] + self.response_len[r]]
+                responses.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return prompts, responses
+
+    # ------------------------------------------------------------------------------------------- step
+    def step(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, stepping: np.ndarray) -> StepResult:
+        """Append ``tokens`` to the rows where ``stepping`` is True and compute their rewards.
+
+        Args:
+            tokens: (B,) int64 on the device. Rows that do not step may hold anything.
+            logprobs: (B,) float log pi(a_t|s_t) on the device, or None.
+            stepping: (B,) host bool mask of the rows that take this action.
+
+        All checks (action range, log-probabilities, the reward source's output) run before any state
+        changes, so an exception leaves the batch exactly as it was.
+        """
+        B = self.num_envs
+        if not self.ready[stepping].all():
+            raise RuntimeError("step() called before reset(): reset the environment first")
+        step_mask = torch.from_numpy(stepping).to(self.device)
+        inside = (tokens >= 0) & (tokens < self.vocab_size)
+        safe = torch.where(step_mask & inside, tokens, torch.full_like(tokens, self.pad_id))
+        checks = [safe, (~inside & step_mask).long(), torch.isin(safe, self.stop_token_ids).long()]
+        if logprobs is not None:
+            # A log-probability must be finite and <= 0 (a little slack for rounding).
+            checks.append(((~torch.isfinite(logprobs) | (logprobs > 1e-4)) & step_mask).long())
+        host = torch.stack(checks).cpu().numpy()  # the one device read of a step
+        if host[1].any():
+            bad = np.flatnonzero(host[1])
+            raise ValueError(
+                f"actions out of the vocabulary [0, {self.vocab_size}) at sub-envs {bad.tolist()}: "
+                f"{tokens[torch.from_numpy(bad).to(self.device)].tolist()}"
+            )
+        if logprobs is not None and host[3].any():
+            bad = np.flatnonzero(host[3])
+            raise ValueError(
+                f"log-probabilities must be finite and <= 0; sub-envs {bad.tolist()} reported "
+                f"{logprobs[torch.from_numpy(bad).to(self.device)].tolist()}"
+            )
+        host_tokens = host[0]
+        is_stop = host[2].astype(bool) & stepping
+
+        # Per-token KL reward.
+        kl_t = None
+        if self.ref_logprobs is not None:
+            ref_lp = self.ref_logprobs.gather(1, safe[:, None]).squeeze(1)
+            if logprobs is not None:
+                kl_t = kl_penalty(logprobs.float(), ref_lp, self.config.kl_estimator)
+                reward = -self.kl_coef * kl_t
+            else:
+                reward = self.kl_coef * ref_lp
+        else:
+            reward = torch.zeros(B, dtype=torch.float32, device=self.device)
+        reward = torch.where(step_mask, reward, torch.zeros_like(reward))
+
+        response_len = self.response_len + stepping
+        truncated = stepping & ~is_stop & (response_len >= self.max_new_tokens)
+        done = is_stop | truncated
+        finished = np.flatnonzero(done)
+
+        # Score the finished responses before committing anything (the reward source may raise).
+        positions = self.prompt_len + self.response_len
+        saved = self.host_tokens[finished, positions[finished]].copy()
+        self.host_tokens[finished, positions[finished]] = host_tokens[finished]
+        self.response_len[finished] += 1
+        try:
+            if finished.size:
+                prompts, responses = self._texts(finished)
+                scores = check_scores(self.reward_fn(prompts, responses), len(finished)).to(self.device)
+        finally:
+            self.response_len[finished] -= 1
+            self.host_tokens[finished, positions[finished]] = saved
+
+        # Commit.
+        step_rows = np.flatnonzero(stepping)
+        self.host_tokens[step_rows, positions[step_rows]] = host_tokens[step_rows]
+        columns = torch.from_numpy(np.where(stepping, positions, self.max_length)).to(self.device)
+        self.tokens[self._rows, columns] = safe
+        self.response_len = response_len
+        self._length += step_mask
+        if kl_t is not None:
+            self.kl_sum += torch.where(step_mask, kl_t, torch.zeros_like(kl_t))
+        else:
+            self.has_logprobs &= ~stepping
+        completions: dict[str, np.ndarray] = {}
+        if finished.size:
+            finished_t = torch.from_numpy(finished).to(self.device)
+            final = scores.clone()
+            if self.config.missing_eos_penalty is not None:
+                final -= torch.from_numpy(truncated[finished].astype(np.float32)).to(self.device) * float(
+                    self.config.missing_eos_penalty
+                )
+            reward = reward.index_add(0, finished_t, final)
+        self.return_sum += reward
+        if finished.size:
+            host_scores, host_kl, host_return = (
+                torch.stack([scores, self.kl_sum[finished_t], self.return_sum[finished_t]])
+                .double()
+                .cpu()
+                .numpy()
+            )
+            completions = {
+                "prompt": np.array(prompts, dtype=object),
+                "response": np.array(responses, dtype=object),
+                "score": host_scores,
+                "kl": host_kl,
+                "return": host_return,
+                "length": self.response_len[finished].copy(),
+                "eos": is_stop[finished],
+                "prompt_index": self.prompt_index[finished].copy(),
+                "has_kl": self.has_logprobs[finished] & (self.ref_logprobs is not None),
+            }
+        if self.lm is not None:
+            self.ref_logprobs = torch.log_softmax(self.lm.decode(safe).logits, dim=-1)
+        return StepResult(reward.float(), is_stop, truncated, finished, completions)

@@ -1,0 +1,491 @@
+"""``TextGenEnv`` and ``TextGenVectorEnv``: RLHF of a language model as a Gymnasium environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import Env, spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from llm_env.config import EnvConfig
+from llm_env.core import EpisodeBatch, StepResult, TokenActions
+from llm_env.prompts import PromptSampler, validate_indices
+
+__all__ = ["TextGenEnv", "TextGenVectorEnv"]
+
+_SHARED_DOC = """
+    ## Action Space
+
+    ``Discrete(V)``: the id of the next token, V being the size of the reference model's output
+    vocabulary (the tokenizer's length without a reference). To report the acting policy's
+    log-probability of the token, pass ``TokenActions(token, logprob)`` instead of the bare id.
+
+    ## Observation Space
+
+    ``Dict(input_ids=Box(0, V - 1, (L,), int64), attention_mask=Box(0, 1, (L,), int64))`` with
+    ``L = max_prompt_length + max_new_tokens``: the prompt followed by the response so far, left-aligned
+    and right-padded with the pad token (EOS when the tokenizer has no pad token); the mask is 1 on
+    real tokens. Integer ids, never floats.
+
+    ## Rewards
+
+    With ``d_t = log pi(a_t|s_t) - log pi_ref(a_t|s_t)`` and the estimator ``k`` (``kl_estimator``):
+    ``r_t = -kl_coef * k(d_t)`` on every token, plus the reward model's score of (prompt, response)
+    on the last token of the response (minus ``missing_eos_penalty`` if it was truncated before a stop
+    token). When the action carries no log-probability, ``r_t = kl_coef * log pi_ref(a_t|s_t)``: the
+    same KL-regularised objective with the policy-entropy half left to the agent (an entropy bonus of
+    coefficient ``kl_coef``); the completion info then has no ``kl``. Without a reference, ``r_t = 0``
+    until the final score.
+
+    ## Starting State
+
+    A prompt drawn by the sub-environment's prompt order (a seeded permutation per epoch, or
+    sequential), or forced with ``reset(options={"prompt_index": i})``.
+
+    ## Episode End
+
+    * Termination: the action is a stop token (``stop_token_ids``, default the tokenizer's EOS).
+    * Truncation: the response reaches ``max_new_tokens`` tokens without a stop token.
+
+    At the end, ``info["completion"]`` holds ``prompt``, ``response`` (texts), ``score`` (reward model),
+    ``kl`` (summed estimator, when log-probabilities were given on every step), ``return`` (sum of the
+    episode's rewards), ``length`` (response tokens), ``eos`` (ended by a stop token) and
+    ``prompt_index``.
+
+    ## Arguments
+
+    Every field of :class:`llm_env.EnvConfig` as a keyword argument (or an ``EnvConfig`` as the first
+    positional argument), plus ``render_mode`` (``"ansi"`` renders the prompt and the response).
+"""
+
+
+def _make_config(config: EnvConfig | None, kwargs: dict[str, Any]) -> EnvConfig:
+    if config is None:
+        return EnvConfig(**kwargs)
+    if not isinstance(config, EnvConfig):
+        raise TypeError(f"the positional argument must be an EnvConfig, got {type(config).__name__}")
+    return dataclasses.replace(config, **kwargs) if kwargs else config
+
+
+def _check_integer(value: Any, what: str) -> None:
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    if isinstance(dtype, torch.dtype):
+        ok = not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+    else:
+        ok = np.dtype(dtype).kind in "iu"
+    if not ok:
+        raise TypeError(f"{what} must be integer token ids, got dtype {dtype}")
+
+
+def _set_kl_coef(batch: EpisodeBatch, value: float) -> None:
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {value}")
+    if value > 0 and batch.reference is None:
+        raise ValueError("kl_coef > 0 needs a reference model")
+    batch.kl_coef = value
+
+
+def _spaces(batch: EpisodeBatch) -> tuple[spaces.Discrete, spaces.Dict]:
+    length, vocab = batch.max_length, batch.vocab_size
+    observation = spaces.Dict(
+        {
+            "input_ids": spaces.Box(0, vocab - 1, shape=(length,), dtype=np.int64),
+            "attention_mask": spaces.Box(0, 1, shape=(length,), dtype=np.int64),
+        }
+    )
+    return spaces.Discrete(vocab), observation
+
+
+class TextGenEnv(Env[dict[str, np.ndarray], int]):
+    __doc__ = (
+        """Generate a response to a prompt one token per step, rewarded by a reward model minus KL.
+
+    ## Description
+
+    One episode is one prompt and the response generated for it. The agent is the language model
+    being fine-tuned: at each step it chooses the next token (the vocabulary is the action space) and
+    observes the prompt plus the text so far. The reward is the standard RLHF reward (InstructGPT,
+    Ouyang et al. 2022): a per-token penalty for drifting from the frozen SFT reference model, and the
+    reward model's score of the whole response on its last token. The reference model advances with a
+    KV cache, one token per step. This is the single-episode environment with numpy observations, for
+    Gymnasium and Stable-Baselines3; :class:`TextGenVectorEnv` steps B episodes on the GPU.
+"""
+        + _SHARED_DOC
+        + """
+    Example::
+
+        >>> import llm_env
+        >>> env = llm_env.TextGenEnv(prompts=["The film was"], tokenizer=tok, reward=my_scorer,
+        ...                          reference="path/to/sft", max_new_tokens=32)      # doctest: +SKIP
+        >>> obs, info = env.reset(seed=0)                                             # doctest: +SKIP
+        >>> obs, reward, terminated, truncated, info = env.step(42)                   # doctest: +SKIP
+
+    ## Vectorized environment
+
+    ``gymnasium.make_vec("llm_env/TextGen-v0", num_envs=B, ...)`` builds :class:`TextGenVectorEnv`,
+    whose sub-environment ``i`` reset with ``seed=s`` behaves exactly like this environment reset
+    with ``seed=s + i``.
+
+    ## Version History
+
+    * v0: initial version.
+    """
+    )
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, config: EnvConfig | None = None, /, *, render_mode: str | None = None, **kwargs: Any):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}"
+            )
+        self.config = _make_config(config, kwargs)
+        self.batch = EpisodeBatch(self.config, 1)
+        self.action_space, self.observation_space = _spaces(self.batch)
+        self.render_mode = render_mode
+        self._sampler = PromptSampler(len(self.batch.prompts), self.config.prompt_order)
+        self._done = True
+        self._seeded = False
+
+    @property
+    def kl_coef(self) -> float:
+        """beta of the per-token KL penalty; settable between steps (adaptive KL control)."""
+        return self.batch.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        _set_kl_coef(self.batch, value)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of prompts and responses."""
+        return self.batch.tokenizer
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        forced = options.pop("prompt_index", None)
+        if options:
+            raise ValueError(f"unknown reset options {sorted(options)}; the only option is 'prompt_index'")
+        if seed is not None or not self._seeded:
+            self._sampler.restart()
+            self._seeded = True
+        if forced is not None:
+            index = int(validate_indices([forced], len(self.batch.prompts), "options['prompt_index']")[0])
+        else:
+            index = self._sampler.next(self.np_random)
+        self.batch.reset_rows(np.array([0]), np.array([index]))
+        self._done = False
+        return self.batch.host_observation(0), {"prompt_index": index}
+
+    def step(
+        self, action: int | TokenActions
+    ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        if not self.batch.ready[0]:
+            raise RuntimeError("step() called before reset(): call env.reset() first")
+        if self._done:
+            raise RuntimeError(
+                "the episode has ended (terminated or truncated): call env.reset() to start a new one"
+            )
+        token, logprob = (
+            (action.tokens, action.logprobs) if isinstance(action, TokenActions) else (action, None)
+        )
+        if isinstance(token, (bool, np.bool_)) or (
+            not isinstance(token, (int, np.integer)) and not (hasattr(token, "dtype") and np.ndim(token) == 0)
+        ):
+            if np.ndim(token) > 0:
+                raise ValueError(f"the action must be a single token id, got shape {np.shape(token)}")
+            raise TypeError(f"the action must be an integer token id, got {type(token).__name__} {token!r}")
+        _check_integer(token, "the action")
+        tokens = torch.tensor([int(token)], dtype=torch.long, device=self.batch.device)
+        logprobs = None
+        if logprob is not None:
+            if np.ndim(logprob) != 0:
+                raise ValueError(f"the log-probability must be a scalar, got shape {np.shape(logprob)}")
+            logprobs = torch.tensor([float(logprob)], dtype=torch.float32, device=self.batch.device)
+        result = self.batch.step(tokens, logprobs, np.ones(1, dtype=bool))
+        terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
+        self._done = terminated or truncated
+        info: dict[str, Any] = {}
+        if result.finished.size:
+            info["completion"] = _single_completion(result)
+        return self.batch.host_observation(0), float(result.reward[0]), terminated, truncated, info
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or not self.batch.ready[0]:
+            return None
+        prompt, response = self.batch.text(0)
+        return f"{prompt}\u2502{response}"
+
+
+def _single_completion(result: StepResult) -> dict[str, Any]:
+    c = result.completions
+    out: dict[str, Any] = {
+        "prompt": str(c["prompt"][0]),
+        "response": str(c["response"][0]),
+        "score": float(c["score"][0]),
+        "return": float(c["return"][0]),
+        "length": int(c["length"][0]),
+        "eos": bool(c["eos"][0]),
+        "prompt_index": int(c["prompt_index"][0]),
+    }
+    if c["has_kl"][0]:
+        out["kl"] = float(c["kl"][0])
+    return out
+
+
+_COMPLETION_DTYPES = {
+    "prompt": object,
+    "response": object,
+    "score": np.float64,
+    "kl": np.float64,
+    "return": np.float64,
+    "length": np.int64,
+    "eos": np.bool_,
+    "prompt_index": np.int64,
+}
+
+
+def _vector_completion(result: StepResult, num_envs: int) -> dict[str, Any]:
+    """Completion info in Gymnasium's vector layout: arrays over all sub-envs plus ``_key`` masks."""
+    rows = result.finished
+    info: dict[str, Any] = {}
+    for key, dtype in _COMPLETION_DTYPES.items():
+        array = np.full(num_envs, None, dtype=object) if dtype is object else np.zeros(num_envs, dtype=dtype)
+        mask = np.zeros(num_envs, dtype=bool)
+        present = rows[result.completions["has_kl"]] if key == "kl" else rows
+        if present.size == 0:  # like Gymnasium's _add_info: a key no sub-env reported is absent
+            continue
+        keep = np.isin(rows, present)
+        array[present] = result.completions[key][keep]
+        mask[present] = True
+        info[key], info[f"_{key}"] = array, mask
+    return info
+
+
+class TextGenVectorEnv(VectorEnv):
+    __doc__ = (
+        """B RLHF episodes stepped in lockstep on a device, with Gymnasium's next-step autoreset.
+
+    ## Description
+
+    The batched form of :class:`TextGenEnv`, for agents that generate on a GPU: the token state, the
+    reference model and its KV cache live on ``device``; observations, rewards, terminations and
+    truncations are returned as torch tensors there, and a step reads back only B token ids and flags.
+    The reference advances one token per step through a per-row slot KV cache, so a sub-environment that
+    restarts with a new prompt is prefilled alone while the others continue. Reward-model scoring is one
+    batched call over the episodes that finished at that step.
+"""
+        + _SHARED_DOC.replace("``Discrete(V)``", "``MultiDiscrete([V] * B)``")
+        + """
+    ## Vectorized environment
+
+    ``metadata["autoreset_mode"]`` is ``AutoresetMode.NEXT_STEP`` by default: the step after a
+    sub-environment ends resets it (its action is ignored, its reward is 0, ``info["prompt_index"]``
+    names the new prompt). With ``autoreset_mode=AutoresetMode.DISABLED`` finished sub-environments
+    stay finished (actions ignored, reward 0, flags kept) until ``reset(options={"reset_mask": m})``.
+    ``reset(seed=s)`` seeds sub-environment ``i`` with ``s + i``, like ``SyncVectorEnv`` over
+    :class:`TextGenEnv`. ``reset(options={"prompt_indices": idx})`` forces the prompts (e.g. the same
+    prompt in k sub-environments for best-of-k). Info follows Gymnasium 1.x: ``info["completion"]`` is a
+    dict of arrays over sub-environments with ``_key`` masks, and ``info["_completion"]`` marks the
+    sub-environments whose episode ended.
+
+    Example::
+
+        >>> envs = gymnasium.make_vec("llm_env/TextGen-v0", num_envs=16, prompts="prompts.jsonl",
+        ...                           reference="path/to/sft", reward="path/to/rm", device="cuda")  # doctest: +SKIP
+        >>> obs, info = envs.reset(seed=0)                                                         # doctest: +SKIP
+        >>> obs, rewards, terminations, truncations, infos = envs.step(TokenActions(tokens, logprobs))  # doctest: +SKIP
+
+    ## Version History
+
+    * v0: initial version.
+    """
+    )
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["ansi"]}
+
+    def __init__(
+        self,
+        config: EnvConfig | None = None,
+        /,
+        *,
+        num_envs: int = 1,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        render_mode: str | None = None,
+        **kwargs: Any,
+    ):
+        mode = AutoresetMode(autoreset_mode) if isinstance(autoreset_mode, str) else autoreset_mode
+        if mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.DISABLED):
+            raise ValueError(f"autoreset_mode must be NEXT_STEP or DISABLED, got {autoreset_mode!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}"
+            )
+        self.metadata = {**type(self).metadata, "autoreset_mode": mode}
+        self.config = _make_config(config, kwargs)
+        self.batch = EpisodeBatch(self.config, num_envs)
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.single_action_space, self.single_observation_space = _spaces(self.batch)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.device = self.batch.device
+        num_prompts = len(self.batch.prompts)
+        self._samplers = [
+            PromptSampler(num_prompts, self.config.prompt_order, start=i, stride=num_envs)
+            for i in range(num_envs)
+        ]
+        self._rngs: list[np.random.Generator | None] = [None] * num_envs
+        self._ended = np.zeros(
+            num_envs, dtype=bool
+        )  # the episode ended at the last step (or before, if DISABLED)
+        self._terminated = np.zeros(num_envs, dtype=bool)
+        self._truncated = np.zeros(num_envs, dtype=bool)
+
+    @property
+    def kl_coef(self) -> float:
+        """beta of the per-token KL penalty; settable between steps (adaptive KL control)."""
+        return self.batch.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        _set_kl_coef(self.batch, value)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of prompts and responses."""
+        return self.batch.tokenizer
+
+    def _seed_rows(self, rows: np.ndarray, seed: int | Sequence[int | None] | None) -> None:
+        if seed is None:
+            seeds: list[int | None] = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(
+                    f"a list of seeds must have num_envs={self.num_envs} entries, got {len(seeds)}"
+                )
+        for row in rows:
+            if seeds[row] is not None or self._rngs[row] is None:
+                self._rngs[row], _ = seeding.np_random(seeds[row])
+                self._samplers[row].restart()
+        if seed is not None:
+            self._np_random, self._np_random_seed = seeding.np_random(seeds[0])
+
+    def _draw(self, rows: np.ndarray) -> np.ndarray:
+        return np.array([self._samplers[r].next(self._rngs[r]) for r in rows], dtype=np.int64)
+
+    def reset(
+        self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        options = dict(options or {})
+        mask = options.pop("reset_mask", None)
+        forced = options.pop("prompt_indices", None)
+        if options:
+            raise ValueError(
+                f"unknown reset options {sorted(options)}; use 'reset_mask' and/or 'prompt_indices'"
+            )
+        if mask is None:
+            mask = np.ones(self.num_envs, dtype=bool)
+        else:
+            mask = np.asarray(mask)
+            if mask.dtype != np.bool_ or mask.shape != (self.num_envs,):
+                raise ValueError(f"options['reset_mask'] must be a bool array of shape ({self.num_envs},)")
+            if not mask.any():
+                raise ValueError("options['reset_mask'] must select at least one sub-environment")
+        rows = np.flatnonzero(mask)
+        self._seed_rows(rows, seed)
+        if forced is not None:
+            forced = validate_indices(forced, len(self.batch.prompts), "options['prompt_indices']")
+            if forced.shape == (self.num_envs,):
+                forced = forced[rows]
+            elif forced.shape != (len(rows),):
+                raise ValueError(
+                    f"options['prompt_indices'] must have shape ({self.num_envs},) or one entry per reset "
+                    f"sub-environment ({len(rows)}), got {forced.shape}"
+                )
+            indices = forced
+        else:
+            indices = self._draw(rows)
+        self.batch.reset_rows(rows, indices)
+        self._ended[rows] = False
+        self._terminated[rows] = False
+        self._truncated[rows] = False
+        prompt_index = np.zeros(self.num_envs, dtype=np.int64)
+        prompt_index[rows] = indices
+        return self.batch.observation(), {"prompt_index": prompt_index, "_prompt_index": mask.copy()}
+
+    def _parse_actions(self, actions: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        tokens, logprobs = (
+            (actions.tokens, actions.logprobs) if isinstance(actions, TokenActions) else (actions, None)
+        )
+        if not isinstance(tokens, torch.Tensor):
+            tokens = np.asarray(tokens)
+        _check_integer(tokens, "actions")
+        if tuple(tokens.shape) != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},), got {tuple(tokens.shape)}")
+        tokens = torch.as_tensor(tokens).to(self.device, torch.long)
+        if logprobs is not None:
+            logprobs = torch.as_tensor(logprobs)
+            if tuple(logprobs.shape) != (self.num_envs,):
+                raise ValueError(f"logprobs must have shape ({self.num_envs},), got {tuple(logprobs.shape)}")
+            if not logprobs.dtype.is_floating_point:
+                raise TypeError(f"logprobs must be floating point, got dtype {logprobs.dtype}")
+            logprobs = logprobs.to(self.device, torch.float32)
+        return tokens, logprobs
+
+    def step(
+        self, actions: Any
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        if not self.batch.ready.all():
+            raise RuntimeError("step() called before reset(): call envs.reset() first")
+        tokens, logprobs = self._parse_actions(actions)
+        next_step = self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+        resetting = self._ended.copy() if next_step else np.zeros(self.num_envs, dtype=bool)
+        stepping = ~self._ended
+        result = self.batch.step(tokens, logprobs, stepping)
+        info: dict[str, Any] = {}
+        if result.finished.size:
+            mask = np.zeros(self.num_envs, dtype=bool)
+            mask[result.finished] = True
+            info["completion"], info["_completion"] = _vector_completion(result, self.num_envs), mask
+        if resetting.any():
+            rows = np.flatnonzero(resetting)
+            indices = self._draw(rows)
+            self.batch.reset_rows(rows, indices)
+            prompt_index = np.zeros(self.num_envs, dtype=np.int64)
+            prompt_index[rows] = indices
+            info["prompt_index"], info["_prompt_index"] = prompt_index, resetting
+        done = result.terminated | result.truncated
+        self._terminated = np.where(stepping, result.terminated, self._terminated & ~resetting)
+        self._truncated = np.where(stepping, result.truncated, self._truncated & ~resetting)
+        self._ended = np.where(stepping, done, self._ended & ~resetting)
+        return (
+            self.batch.observation(),
+            result.reward,
+            torch.from_numpy(self._terminated.copy()).to(self.device),
+            torch.from_numpy(self._truncated.copy()).to(self.device),
+            info,
+        )
+
+    def render(self) -> tuple[str, ...] | None:
+        if self.render_mode != "ansi" or not self.batch.ready.all():
+            return None
+        return tuple("\u2502".join(self.batch.text(row)) for row in range(self.num_envs))
+
+    def close_extras(self, **kwargs: Any) -> None:
+        self.batch.lm = None
+        self.batch.ref_logprobs = None

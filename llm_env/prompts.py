@@ -1,0 +1,175 @@
+"""Prompt sources, tokenization and the per-sub-environment prompt order.
+
+Prompts come from a list of strings, a JSONL file with one ``{"prompt": ...}`` object per line, or any
+iterable of strings or mappings (a ``datasets.Dataset`` iterates as mappings, so it works without
+``datasets`` being a dependency). Every malformed entry is reported with its line number (files) or its
+position (iterables) and the field at fault, and nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["PromptOrder", "PromptSampler", "PromptSource", "load_prompts", "read_jsonl", "tokenize_prompts"]
+
+PromptSource = str | os.PathLike | Iterable[Any]
+PromptOrder = Literal["shuffle", "sequential"]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """Read a JSONL file into ``(line_number, object)`` pairs; blank lines are allowed and skipped.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming ``path:line`` for a line that
+    is not valid JSON or not a JSON object.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{line_number}: invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((line_number, obj))
+    return rows
+
+
+def _prompt_text(value: Any, key: str, where: str) -> str:
+    if isinstance(value, Mapping):
+        if key not in value:
+            raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(value)})")
+        value = value[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def load_prompts(source: PromptSource, *, key: str = "prompt") -> list[str]:
+    """Return the prompts of ``source`` as a list of strings.
+
+    Args:
+        source: a path to a ``.jsonl`` file, or an iterable of strings or mappings (``datasets.Dataset``,
+            list of dicts, generator, ...). A bare string is always a path: wrap a single prompt in a list.
+        key: the field holding the prompt text in JSONL objects and mappings.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"prompt file not found: {path} (a string is read as a path; pass a list for literal prompts)"
+            )
+        prompts = [_prompt_text(obj, key, f"{path}:{line}") for line, obj in read_jsonl(path)]
+        where = path
+    elif isinstance(source, Iterable):
+        prompts = [_prompt_text(item, key, f"prompt source item {i}") for i, item in enumerate(source)]
+        where = "the prompt source"
+    else:
+        raise TypeError(f"prompts must be a path or an iterable, got {type(source).__name__}")
+    if not prompts:
+        raise ValueError(f"{where} contains no prompts")
+    return prompts
+
+
+def tokenize_prompts(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int | None,
+    truncation_side: Literal["left", "right"] | None,
+    chat_template: bool,
+    vocab_size: int,
+) -> list[np.ndarray]:
+    """Token ids of every prompt (one batched tokenizer call), truncated as configured.
+
+    All prompts are checked up front, so a prompt that does not fit fails at construction, naming its
+    index, rather than in the middle of training.
+    """
+    if chat_template:
+        encoded = []
+        for text in texts:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True
+            )
+            encoded.append(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+    else:
+        encoded = tokenizer(list(texts))["input_ids"]
+    out = []
+    for index, (text, ids) in enumerate(zip(texts, encoded)):
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size == 0:
+            raise ValueError(f"prompt {index} tokenizes to zero tokens: {text!r}")
+        if max_length is not None and ids.size > max_length:
+            if truncation_side is None:
+                raise ValueError(
+                    f"prompt {index} has {ids.size} tokens, more than max_prompt_length={max_length}; raise "
+                    "max_prompt_length or pass truncation_side='left' (keep the end) or 'right' (keep the start)"
+                )
+            ids = ids[-max_length:] if truncation_side == "left" else ids[:max_length]
+        if ids.max() >= vocab_size or ids.min() < 0:
+            raise ValueError(
+                f"prompt {index} contains token id {int(ids.max())} but the vocabulary has {vocab_size} ids: "
+                "the tokenizer does not match the model"
+            )
+        out.append(ids)
+    return out
+
+
+class PromptSampler:
+    """The prompt order of one sub-environment.
+
+    ``"shuffle"`` walks through a fresh random permutation of all prompts each epoch, drawn from the
+    sub-environment's own generator, so ``reset(seed=s)`` always gives the same order and the vector env's
+    sub-environment ``i`` matches a single env reset with ``seed=s + i`` (Gymnasium's convention).
+    ``"sequential"`` takes prompts ``start, start + stride, ...`` (wrapping around), so B sub-environments
+    with ``start=i, stride=B`` visit every prompt exactly once per pass: the right order for evaluation.
+    """
+
+    def __init__(self, num_prompts: int, order: PromptOrder, start: int = 0, stride: int = 1) -> None:
+        if order not in ("shuffle", "sequential"):
+            raise ValueError(f"prompt_order must be 'shuffle' or 'sequential', got {order!r}")
+        self.num_prompts, self.order, self.start, self.stride = num_prompts, order, start, stride
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the order again from the beginning (called on a seeded reset)."""
+        self._perm: np.ndarray | None = None
+        self._pos = 0
+
+    def next(self, rng: np.random.Generator) -> int:
+        """Index of the next prompt."""
+        if self.order == "sequential":
+            index = (self.start + self._pos * self.stride) % self.num_prompts
+            self._pos += 1
+            return index
+        if self._perm is None or self._pos >= self.num_prompts:
+            self._perm, self._pos = rng.permutation(self.num_prompts), 0
+        index = int(self._perm[self._pos])
+        self._pos += 1
+        return index
+
+
+def validate_indices(indices: Sequence[int] | np.ndarray, num_prompts: int, what: str) -> np.ndarray:
+    """Check user-forced prompt indices (``reset(options=...)``)."""
+    arr = np.asarray(indices)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what} must be integers, got dtype {arr.dtype}")
+    bad = (arr < 0) | (arr >= num_prompts)
+    if bad.any():
+        raise ValueError(f"{what} out of range [0, {num_prompts}): {arr[bad].tolist()}")
+    return arr.astype(np.int64)

@@ -1,0 +1,211 @@
+"""Reward sources: anything that scores a batch of (prompt, response) texts.
+
+The environment accepts
+
+* a batched callable ``(prompts: list[str], responses: list[str]) -> scores`` (list, array or tensor of
+  shape ``(n,)``),
+* a transformers sequence-classification model (object, or a path / hub name), scored at the last
+  non-pad token of ``prompt + response``,
+* a directory saved by :class:`rewards.RewardModel` (it is such a model plus its score statistics).
+
+All of them become a :class:`RewardFunction` that returns a float32 tensor of shape ``(n,)`` and checks
+what the source returned: a wrong shape, NaN or inf raises an error that names the offending rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from llm_env.models import (
+    load_sequence_classifier,
+    load_tokenizer,
+    model_device,
+    model_vocab_size,
+    pad_token_id,
+    unwrap_model,
+)
+
+__all__ = ["RewardFunction", "SequenceClassifierReward", "as_reward_function", "check_scores"]
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    """Scores ``n`` (prompt, response) pairs; returns a float tensor of shape ``(n,)``."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Any: ...
+
+
+def check_scores(scores: Any, n: int, source: str = "reward source") -> torch.Tensor:
+    """Convert ``scores`` to a float32 CPU-or-device tensor of shape ``(n,)`` or raise naming the problem."""
+    if isinstance(scores, torch.Tensor):
+        tensor = scores.detach()
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{source} must return numbers, got {type(scores).__name__}: {exc}") from None
+    if tensor.shape != (n,):
+        raise ValueError(f"{source} returned shape {tuple(tensor.shape)} for {n} responses; expected ({n},)")
+    tensor = tensor.float()
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{source} returned non-finite scores (NaN or inf) for responses {bad}: {tensor[bad].tolist()}"
+        )
+    return tensor
+
+
+class SequenceClassifierReward:
+    """Score texts with a transformers sequence-classification model (one label).
+
+    The score is read at the last non-pad token of each ``prompt + response``, computed from the attention
+    mask of right-padded batches, so neither the model config's ``pad_token_id`` nor a pad token that
+    equals EOS can move it. Decoder models (``...ForSequenceClassification`` with a ``score`` head: GPT-2,
+    Llama, Mistral, Qwen, ...) are run as backbone + head on the exact last position; other models are
+    called directly and must pool correctly themselves.
+
+    Args:
+        model: the sequence-classification model.
+        tokenizer: its tokenizer.
+        batch_size: texts per forward pass.
+        max_length: texts longer than this many tokens keep their last ``max_length`` tokens (the
+            response end, where the score is read); ``None`` uses the model's position limit if it has one.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int = 32,
+        max_length: int | None = None,
+    ) -> None:
+        vocab = model_vocab_size_safe(model)
+        if vocab is not None and len(tokenizer) > vocab:
+            raise ValueError(
+                f"the reward tokenizer has {len(tokenizer)} tokens but the reward model's vocabulary has {vocab}: "
+                "they do not belong together"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        config = unwrap_model(model).config
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.max_length = max_length or limit
+        self.pad_id = pad_token_id(tokenizer)
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        """Token ids of each ``prompt + response`` (left-truncated to ``max_length``)."""
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+        ids = self.tokenizer(texts)["input_ids"]
+        if self.max_length:
+            ids = [seq[-self.max_length :] for seq in ids]
+        return ids
+
+    def score_ids(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Scores of already tokenized sequences, shape ``(n,)`` float32 on the model's device."""
+        device = model_device(self.model)
+        out = []
+        for start in range(0, len(ids), self.batch_size):
+            chunk = ids[start : start + self.batch_size]
+            lengths = torch.tensor([len(s) for s in chunk], device=device)
+            if int(lengths.min()) == 0:
+                raise ValueError("cannot score an empty text")
+            width = int(lengths.max())
+            input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+            for i, seq in enumerate(chunk):
+                input_ids[i, : len(seq)] = torch.as_tensor(seq)
+            input_ids = input_ids.to(device)
+            mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+            out.append(sequence_scores(self.model, input_ids, mask))
+        return torch.cat(out) if out else torch.zeros(0, device=device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        return self.score_ids(self.encode(prompts, responses))
+
+
+def model_vocab_size_safe(model: nn.Module) -> int | None:
+    """Input vocabulary size of a model, or None when it cannot be told."""
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except (AttributeError, NotImplementedError):
+        try:
+            return model_vocab_size(model)
+        except (AttributeError, NotImplementedError):
+            return None
+
+
+def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per right-padded row, read at the last position where ``attention_mask`` is 1.
+
+    Works under autograd (the reward-model trainer uses it) and returns float32.
+    """
+    last = attention_mask.sum(dim=1) - 1  # (n,)
+    inner = unwrap_model(model)
+    head = getattr(inner, "score", None)
+    backbone = getattr(inner, "base_model", None)
+    if isinstance(head, nn.Module) and backbone is not None and backbone is not inner:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (n, T, d)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (n, d)
+        return head(pooled)[:, 0].float()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, 0].float()
+
+
+def as_reward_function(
+    reward: RewardFunction | PreTrainedModel | str | os.PathLike,
+    *,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    trust_remote_code: bool = False,
+    batch_size: int = 32,
+) -> Callable[[Sequence[str], Sequence[str]], Any]:
+    """Turn any accepted reward source into a batched callable on texts.
+
+    ``tokenizer`` is the reward model's tokenizer; for a path it defaults to the tokenizer saved beside
+    the model.
+    """
+    if isinstance(reward, (str, os.PathLike)):
+        path = os.fspath(reward)
+        if os.path.isfile(os.path.join(path, "reward_model.json")):
+            from rewards.model import RewardModel  # a directory saved by rewards.RewardModel
+
+            return RewardModel.from_pretrained(path, device=device, dtype=dtype)
+        model = load_sequence_classifier(
+            path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        tok = load_tokenizer(
+            tokenizer if tokenizer is not None else path, trust_remote_code=trust_remote_code
+        )
+        return SequenceClassifierReward(model, tok, batch_size=batch_size)
+    if isinstance(reward, PreTrainedModel) or (
+        isinstance(reward, nn.Module)
+        and hasattr(unwrap_model(reward), "config")
+        and not callable_on_texts(reward)
+    ):
+        if tokenizer is None:
+            raise ValueError("a reward model object needs its tokenizer: pass reward_tokenizer=...")
+        return SequenceClassifierReward(reward, load_tokenizer(tokenizer), batch_size=batch_size)
+    if callable(reward):
+        return reward
+    raise TypeError(
+        "reward must be a callable (prompts, responses) -> scores, a sequence-classification model, "
+        f"or a path to one; got {type(reward).__name__}"
+    )
+
+
+def callable_on_texts(obj: Any) -> bool:
+    """Objects that declare themselves text scorers (like ``rewards.RewardModel``)."""
+    return bool(getattr(obj, "scores_texts", False))

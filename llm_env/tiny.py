@@ -1,0 +1,107 @@
+"""Tiny tokenizers and models built from configs, for tests, examples and the offline benchmark.
+
+Nothing can be downloaded at run time on a CI machine, so everything small enough to be built locally is
+built here: a word-level tokenizer from a corpus and GPT-2- or Llama-shaped causal LMs from configs.
+Saved with ``save_pretrained`` and loaded back by path, they exercise the same loading code as hub models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+__all__ = ["SPECIAL_TOKENS", "tiny_gpt2", "tiny_llama", "word_tokenizer"]
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+
+
+def word_tokenizer(corpus: Iterable[str], *, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer trained on ``corpus``, with ``<pad>``, ``<eos>`` and ``<unk>``.
+
+    Decoding joins words with single spaces, so ``decode(encode(text)) == text`` for whitespace-normalised
+    text, and the decoding of a prefix is a prefix of the decoding (what the environment relies on to cut
+    the response text from the full text).
+    """
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    trainer = trainers.WordLevelTrainer(
+        special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size or 1_000_000, min_frequency=1
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def _ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+
+
+def tiny_gpt2(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 4,
+    n_positions: int = 256,
+    seed: int = 0,
+    classifier: bool = False,
+) -> PreTrainedModel:
+    """A GPT-2-shaped causal LM (or a one-label sequence classifier) sized to ``tokenizer``."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=n_positions,
+        num_labels=1,
+        **_ids(tokenizer),
+    )
+    torch.manual_seed(seed)
+    model = GPT2ForSequenceClassification(config) if classifier else GPT2LMHeadModel(config)
+    return model.eval()
+
+
+def tiny_llama(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    num_hidden_layers: int = 2,
+    hidden_size: int = 32,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 256,
+    seed: int = 0,
+    classifier: bool = False,
+) -> PreTrainedModel:
+    """A Llama-shaped causal LM (GQA, RoPE, RMSNorm) sized to ``tokenizer``."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        num_labels=1,
+        **_ids(tokenizer),
+    )
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(config) if classifier else LlamaForCausalLM(config)
+    return model.eval()

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny tokenizers and models built from configs, saved and loaded by path.
+
+Nothing is downloaded; every model is a few thousand parameters so the whole suite runs on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from llm_env.tiny import tiny_gpt2, tiny_llama, word_tokenizer
+
+CORPUS = [
+    "the film was good and the actors were great",
+    "the film was bad and the plot was dull",
+    "a great movie with a good story and fine music",
+    "i liked the actors but the ending was weak",
+    "this book is long but the story is fun",
+    "the food was cold and the service was slow",
+]
+PROMPTS = ["the film was", "a great movie", "i liked the", "this book is", "the food was cold and"]
+
+# transformers warns about deprecated kwargs of its own; keep test output readable.
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return word_tokenizer(CORPUS)
+
+
+@pytest.fixture(scope="session")
+def gpt2(tokenizer):
+    return tiny_gpt2(tokenizer, seed=1)
+
+
+@pytest.fixture(scope="session")
+def gpt2_policy(tokenizer):
+    """A second GPT-2 with other weights, to act as the policy against the reference ``gpt2``."""
+    return tiny_gpt2(tokenizer, seed=2)
+
+
+@pytest.fixture(scope="session")
+def llama(tokenizer):
+    return tiny_llama(tokenizer, seed=3)
+
+
+@pytest.fixture(scope="session")
+def saved_gpt2(tmp_path_factory, tokenizer, gpt2):
+    """The reference GPT-2 and its tokenizer saved with save_pretrained in one directory."""
+    path = tmp_path_factory.mktemp("gpt2")
+    gpt2.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def saved_classifier(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("rm")
+    tiny_gpt2(tokenizer, seed=4, classifier=True).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def count_good(prompts, responses):
+    """A batched reward callable: how many times the response says 'good' or 'great'."""
+    return [float(r.split().count("good") + r.split().count("great")) for r in responses]
+
+
+@pytest.fixture(scope="session")
+def reward_fn():
+    return count_good
+
+
+@pytest.fixture
+def make_env(tokenizer, gpt2, reward_fn):
+    """Factory of single envs with the GPT-2 reference; keyword arguments override the defaults."""
+    import llm_env
+
+    def make(**kwargs):
+        options = dict(
+            prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn, reference=gpt2, max_new_tokens=6
+        )
+        options.update(kwargs)
+        return llm_env.TextGenEnv(**options)
+
+    return make
+
+
+@pytest.fixture
+def make_vec_env(tokenizer, gpt2, reward_fn):
+    """Factory of vector envs with the GPT-2 reference; keyword arguments override the defaults."""
+    import llm_env
+
+    def make(num_envs=3, **kwargs):
+        options = dict(
+            prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn, reference=gpt2, max_new_tokens=6
+        )
+        options.update(kwargs)
+        return llm_env.TextGenVectorEnv(num_envs=num_envs, **options)
+
+    return make
