@@ -104,7 +104,46 @@ def _spaces(batch: EpisodeBatch) -> tuple[spaces.Discrete, spaces.Dict]:
     return spaces.Discrete(vocab), observation
 
 
-class TextGenEnv(Env[dict[str, np.ndarray], int]):
+class _BatchAccessors:
+    """Read-only views of the shared :class:`EpisodeBatch`, common to both environments."""
+
+    batch: EpisodeBatch
+
+    @property
+    def kl_coef(self) -> float:
+        """beta of the per-token KL penalty; settable between steps (adaptive KL control)."""
+        return self.batch.kl_coef
+
+    @kl_coef.setter
+    def kl_coef(self, value: float) -> None:
+        _set_kl_coef(self.batch, value)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of prompts and responses."""
+        return self.batch.tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        """Id used to pad observations (the tokenizer's pad token, else its EOS)."""
+        return self.batch.pad_id
+
+    @property
+    def max_length(self) -> int:
+        """L: the observation length, ``max_prompt_length + max_new_tokens``."""
+        return self.batch.max_length
+
+    @property
+    def num_prompts(self) -> int:
+        """Number of prompts in the prompt source."""
+        return len(self.batch.prompts)
+
+    def prompt_token_ids(self, index: int) -> np.ndarray:
+        """Token ids of prompt ``index`` exactly as the environment feeds them (after truncation)."""
+        return self.batch.prompt_ids(int(index))
+
+
+class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
     __doc__ = (
         """Generate a response to a prompt one token per step, rewarded by a reward model minus KL.
 
@@ -154,20 +193,6 @@ class TextGenEnv(Env[dict[str, np.ndarray], int]):
         self._sampler = PromptSampler(len(self.batch.prompts), self.config.prompt_order)
         self._done = True
         self._seeded = False
-
-    @property
-    def kl_coef(self) -> float:
-        """beta of the per-token KL penalty; settable between steps (adaptive KL control)."""
-        return self.batch.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        _set_kl_coef(self.batch, value)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer of prompts and responses."""
-        return self.batch.tokenizer
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -273,7 +298,7 @@ def _vector_completion(result: StepResult, num_envs: int) -> dict[str, Any]:
     return info
 
 
-class TextGenVectorEnv(VectorEnv):
+class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     __doc__ = (
         """B RLHF episodes stepped in lockstep on a device, with Gymnasium's next-step autoreset.
 
@@ -352,20 +377,6 @@ class TextGenVectorEnv(VectorEnv):
         )  # the episode ended at the last step (or before, if DISABLED)
         self._terminated = np.zeros(num_envs, dtype=bool)
         self._truncated = np.zeros(num_envs, dtype=bool)
-
-    @property
-    def kl_coef(self) -> float:
-        """beta of the per-token KL penalty; settable between steps (adaptive KL control)."""
-        return self.batch.kl_coef
-
-    @kl_coef.setter
-    def kl_coef(self, value: float) -> None:
-        _set_kl_coef(self.batch, value)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer of prompts and responses."""
-        return self.batch.tokenizer
 
     def _seed_rows(self, rows: np.ndarray, seed: int | Sequence[int | None] | None) -> None:
         if seed is None:
