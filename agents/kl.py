@@ -1,0 +1,55 @@
+"""KL-coefficient controllers (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences").
+
+The coefficient beta multiplies the per-token KL penalty that the environment puts in the reward; the agent
+updates it after each rollout and writes it back through ``env.kl_coef``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["AdaptiveKLController", "FixedKLController", "KLController"]
+
+
+class FixedKLController:
+    """A constant beta."""
+
+    def __init__(self, kl_coef: float) -> None:
+        if not math.isfinite(kl_coef) or kl_coef < 0:
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef}")
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Proportional control of beta towards a target KL (Ziegler et al. 2019, section 2.2).
+
+    ``beta <- beta * (1 + clip((KL - target) / target, -0.2, 0.2) * n_steps / horizon)``, with KL the mean
+    summed KL per episode of the last rollout and ``n_steps`` the number of episodes in it.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
+        super().__init__(kl_coef)
+        if not target > 0:
+            raise ValueError(f"the KL target must be > 0, got {target}")
+        if horizon < 1:
+            raise ValueError(f"the KL horizon must be >= 1, got {horizon}")
+        self.target, self.horizon = float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        if math.isfinite(current_kl):
+            error = min(max((current_kl - self.target) / self.target, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+KLController = FixedKLController

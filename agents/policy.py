@@ -1,0 +1,259 @@
+"""Language-model building blocks shared by the agents.
+
+* :class:`TokenSampler` acts in a :class:`~llm_env.TextGenVectorEnv`: it keeps the policy's own slot KV
+  cache (:class:`~llm_env.IncrementalLM`), prefills the sub-environments that restarted, decodes one token
+  for the others, samples on the device and reports the log-probabilities the environment needs.
+* :class:`SequenceBatch` and :func:`response_forward` score whole (prompt, response) sequences in one
+  teacher-forced forward pass: log-probabilities, values and entropies of every response token, which is
+  what PPO's update, SFT and KL measurements need.
+* :class:`ValueHead` and :func:`add_lora` build the trainable parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm_env import IncrementalLM, TokenActions
+from llm_env.decoding import left_pad
+from llm_env.models import model_device, unwrap_model
+
+__all__ = ["SequenceBatch", "TokenSampler", "ValueHead", "add_lora", "hidden_size", "response_forward"]
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the model's final hidden state."""
+    config = unwrap_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.hidden_size)
+
+
+class ValueHead(nn.Module):
+    """Scalar value V(s_t) read from the policy's final hidden state (shared trunk).
+
+    Sharing the trunk keeps one model in memory for policy and value (the choice of the PPO
+    implementations of Ziegler et al. 2019 and TRL's ``AutoModelForCausalLMWithValueHead``); the value
+    loss reaches the trunk scaled by ``vf_coef``. The head starts at zero so the first advantages are
+    the raw returns.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (..., d) -> (...)
+        return self.linear(hidden_states.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target_modules: str | Sequence[str] = "all-linear",
+) -> nn.Module:
+    """Wrap a causal LM with peft LoRA adapters (Hu et al. 2021); only the adapters are trainable.
+
+    GPT-2's ``Conv1D`` layers store their weight transposed, which peft handles with ``fan_in_fan_out``;
+    it is set automatically here.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_dropout=dropout,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        fan_in_fan_out=conv1d,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+class TokenSampler:
+    """Samples tokens from a causal LM for every sub-environment, with the policy's own KV cache.
+
+    Args:
+        model: the policy (a transformers causal LM or a peft model).
+        num_envs: B.
+        capacity: the environment's observation length L.
+        temperature: sampling temperature; log-probabilities are those of the tempered distribution,
+            i.e. of the behaviour policy actually used.
+        generator: the torch random generator for sampling (on the model's device).
+        greedy: take the argmax instead of sampling.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_envs: int,
+        capacity: int,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        greedy: bool = False,
+    ) -> None:
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.lm = IncrementalLM(model, num_envs, capacity)
+        self.device = model_device(model)
+        self.temperature = temperature
+        self.generator = generator
+        self.greedy = greedy
+        self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the current states
+        self._last: torch.Tensor | None = None  # (B,) tokens chosen at the previous call
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
+        """Tokens and their log-probabilities for the observations ``obs``.
+
+        ``restarted[i]`` marks sub-environments that hold a fresh prompt (after a reset); the others are
+        assumed to have appended the token this sampler returned last time.
+        """
+        restarted = np.asarray(restarted, dtype=bool)
+        if self._last is not None and not restarted.all():
+            self._logits = self.lm.decode(self._last).logits
+        if restarted.any():
+            rows = np.flatnonzero(restarted)
+            ids = obs["input_ids"][rows].to(self.device)
+            lengths = obs["attention_mask"][rows].sum(dim=1).cpu().numpy()  # read only when prompts change
+            prompts = [row[:n] for row, n in zip(ids.cpu().numpy(), lengths)]
+            padded, lengths = left_pad(prompts, pad_id=0, device=self.device)
+            logits = self.lm.prefill(rows, padded, lengths).logits
+            if self._logits is None:
+                self._logits = logits.new_zeros(len(restarted), logits.shape[-1])
+            self._logits[torch.as_tensor(rows, device=self.device)] = logits
+        logprobs = torch.log_softmax(self._logits / self.temperature, dim=-1)
+        if self.greedy:
+            tokens = logprobs.argmax(dim=-1)
+        else:
+            tokens = torch.multinomial(logprobs.exp(), 1, generator=self.generator).squeeze(1)
+        self._last = tokens
+        return TokenActions(tokens, logprobs.gather(1, tokens[:, None]).squeeze(1))
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded (prompt + response) sequences and where their response tokens sit.
+
+    ``positions[n, j]`` is the index of the logit that predicts response token ``j`` of sequence ``n``
+    (the position of the token before it), so one forward pass scores every response token.
+    """
+
+    input_ids: torch.Tensor  # (N, S)
+    attention_mask: torch.Tensor  # (N, S)
+    positions: torch.Tensor  # (N, T)
+    response_ids: torch.Tensor  # (N, T)
+    response_mask: torch.Tensor  # (N, T) bool
+
+    @classmethod
+    def build(
+        cls,
+        prompts: Sequence[Any],
+        responses: Sequence[Any],
+        *,
+        pad_id: int,
+        device: torch.device | str,
+    ) -> SequenceBatch:
+        """From per-example prompt ids and response ids (lists, arrays or 1-D tensors)."""
+        if len(prompts) != len(responses) or not prompts:
+            raise ValueError(
+                f"need as many prompts as responses (>0), got {len(prompts)} and {len(responses)}"
+            )
+        prompts = [torch.as_tensor(np.asarray(p), dtype=torch.long).flatten() for p in prompts]
+        responses = [torch.as_tensor(np.asarray(r), dtype=torch.long).flatten() for r in responses]
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            if p.numel() == 0 or r.numel() == 0:
+                raise ValueError(f"example {i} has an empty {'prompt' if p.numel() == 0 else 'response'}")
+        n = len(prompts)
+        width = max(p.numel() + r.numel() for p, r in zip(prompts, responses))
+        steps = max(r.numel() for r in responses)
+        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, steps), dtype=torch.long)
+        response_ids = torch.full((n, steps), pad_id, dtype=torch.long)
+        response_mask = torch.zeros((n, steps), dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            total = p.numel() + r.numel()
+            input_ids[i, :total] = torch.cat([p, r])
+            attention_mask[i, :total] = 1
+            positions[i, : r.numel()] = torch.arange(p.numel() - 1, total - 1)
+            response_ids[i, : r.numel()] = r
+            response_mask[i, : r.numel()] = True
+        return cls(
+            *(t.to(device) for t in (input_ids, attention_mask, positions, response_ids, response_mask))
+        )
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> SequenceBatch:
+        """A sub-batch (rows ``index``), trimmed to its own longest sequence."""
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long, device=self.input_ids.device)
+        mask = self.attention_mask[index]
+        width = int(mask.sum(dim=1).max())
+        steps = int(self.response_mask[index].sum(dim=1).max())
+        return SequenceBatch(
+            self.input_ids[index, :width],
+            mask[:, :width],
+            self.positions[index, :steps],
+            self.response_ids[index, :steps],
+            self.response_mask[index, :steps],
+        )
+
+
+@dataclass
+class ResponseScores:
+    """Per-response-token outputs of :func:`response_forward`, each (N, T); padding positions are 0."""
+
+    logprobs: torch.Tensor
+    values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def response_forward(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    temperature: float = 1.0,
+    value_head: ValueHead | None = None,
+    entropy: bool = False,
+) -> ResponseScores:
+    """One teacher-forced forward pass: log pi(y_j | x, y_<j) for every response token.
+
+    Logits are divided by ``temperature`` so that the probabilities are those of the behaviour policy
+    that sampled the tokens (TRL does the same). Works with and without autograd.
+    """
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        output_hidden_states=value_head is not None,
+    )
+    index = batch.positions[..., None]  # (N, T, 1)
+    logits = (
+        out.logits.float().gather(1, index.expand(-1, -1, out.logits.shape[-1])) / temperature
+    )  # (N, T, V)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logprobs = logp_all.gather(2, batch.response_ids[..., None]).squeeze(2)
+    mask = batch.response_mask
+    result = ResponseScores(logprobs=logprobs.masked_fill(~mask, 0.0))
+    if value_head is not None:
+        hidden = out.hidden_states[-1]
+        hidden = hidden.gather(1, index.expand(-1, -1, hidden.shape[-1]))  # (N, T, d): the state s_t
+        result.values = value_head(hidden).float().masked_fill(~mask, 0.0)
+    if entropy:
+        result.entropy = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~mask, 0.0)
+    return result

@@ -1,0 +1,208 @@
+"""The agent protocol and the loop that runs any agent through a TextGenVectorEnv.
+
+An agent needs one method to act, :meth:`Agent.act`, and, if it learns, one more, :meth:`Agent.learn`.
+:func:`collect_episodes` steps the environment with the agent and returns the finished episodes as
+:class:`Trajectories`: per-episode prompt and response token ids with the per-token log-probabilities and
+environment rewards, plus what the environment reported at the end of each episode (reward-model score,
+KL, texts). Everything stays on the environment's device; the only host reads are the environment's
+own (B token ids and flags per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from torch.nn.utils.rnn import pad_sequence
+
+from llm_env import TextGenVectorEnv, TokenActions
+
+__all__ = ["Agent", "LearningAgent", "Trajectories", "collect_episodes"]
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """What an agent implements to run against :class:`~llm_env.TextGenVectorEnv`."""
+
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions | torch.Tensor:
+        """Choose the next token of every sub-environment.
+
+        Args:
+            obs: the environment's observation, ``input_ids`` and ``attention_mask`` of shape (B, L).
+            restarted: (B,) host bool array, True where the sub-environment holds a new prompt since
+                the previous call (all True after ``reset``). Agents with a KV cache prefill these rows.
+
+        Returns:
+            ``TokenActions(tokens, logprobs)`` with the log-probabilities of the chosen tokens under the
+            acting policy (the environment computes the exact KL penalty from them), or bare token ids.
+        """
+        ...
+
+
+@runtime_checkable
+class LearningAgent(Agent, Protocol):
+    """An agent that also updates itself from collected episodes."""
+
+    def learn(self, trajectories: Trajectories) -> dict[str, float]:
+        """Update from finished episodes; return diagnostics to log."""
+        ...
+
+
+@dataclass
+class Trajectories:
+    """N finished episodes. Per-token tensors are (N, T), right-padded; ``mask`` marks real tokens."""
+
+    prompt_ids: list[torch.Tensor]  # N tensors (P_n,)
+    response_ids: torch.Tensor  # (N, T)
+    logprobs: torch.Tensor  # (N, T) behaviour log-probabilities (NaN if the agent did not report them)
+    rewards: torch.Tensor  # (N, T) per-token environment rewards (KL penalty + final score)
+    mask: torch.Tensor  # (N, T) bool
+    scores: np.ndarray  # (N,) reward-model scores
+    kl: np.ndarray  # (N,) summed KL estimate from the environment (NaN when unknown)
+    returns: np.ndarray  # (N,) summed environment rewards
+    lengths: np.ndarray  # (N,) response lengths
+    eos: np.ndarray  # (N,) ended with a stop token
+    prompt_index: np.ndarray  # (N,)
+    prompts: list[str]
+    responses: list[str]
+    steps: int = 0  # environment steps taken to collect them
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def response_list(self) -> list[torch.Tensor]:
+        """Response token ids without padding, one tensor per episode."""
+        return [row[: int(n)] for row, n in zip(self.response_ids, self.lengths)]
+
+
+def _completion_rows(info: dict[str, Any]) -> np.ndarray:
+    return np.flatnonzero(info["_completion"]) if "completion" in info else np.zeros(0, dtype=np.int64)
+
+
+def collect_episodes(
+    env: TextGenVectorEnv,
+    agent: Agent,
+    num_episodes: int,
+    *,
+    seed: int | None = None,
+    prompt_indices: Sequence[int] | np.ndarray | None = None,
+) -> Trajectories:
+    """Run ``agent`` in ``env`` until ``num_episodes`` episodes have finished.
+
+    The environment is reset first (with ``seed``). With ``AutoresetMode.NEXT_STEP`` the environment
+    restarts sub-environments itself and episodes still running when enough have finished are dropped.
+    With ``AutoresetMode.DISABLED`` this loop restarts finished sub-environments only while more episodes
+    are needed, so nothing is wasted, and ``prompt_indices`` (one per episode, in order) can force the
+    prompts, e.g. each prompt k times for best-of-k.
+    """
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
+    num_envs = env.num_envs
+    manual = env.metadata["autoreset_mode"] == AutoresetMode.DISABLED
+    queue = None
+    if prompt_indices is not None:
+        if not manual:
+            raise ValueError("prompt_indices needs an environment with autoreset_mode=AutoresetMode.DISABLED")
+        queue = [int(i) for i in prompt_indices]
+        if len(queue) != num_episodes:
+            raise ValueError(f"got {len(queue)} prompt_indices for {num_episodes} episodes")
+
+    first = min(num_envs, num_episodes) if manual else num_envs
+    reset_mask = np.zeros(num_envs, dtype=bool)
+    reset_mask[:first] = True
+    options: dict[str, Any] = {"reset_mask": reset_mask} if manual else {}
+    if queue is not None:
+        options["prompt_indices"] = np.array(queue[:first])
+    obs, info = env.reset(seed=seed, options=options or None)
+    started = first
+    restarted = reset_mask.copy()
+    active = reset_mask.copy()  # rows whose current episode counts
+    start_step = np.zeros(num_envs, dtype=np.int64)
+
+    tokens_t, logprobs_t, rewards_t = [], [], []
+    finished: list[tuple[int, int, int, dict[str, Any]]] = []  # (row, first step, last step, completion)
+    step = 0
+    while len(finished) < num_episodes:
+        action = agent.act(obs, restarted)
+        obs, reward, _, _, info = env.step(action)
+        if isinstance(action, TokenActions):
+            tokens, logprobs = torch.as_tensor(action.tokens), torch.as_tensor(action.logprobs).float()
+        else:
+            tokens, logprobs = torch.as_tensor(action), None
+        tokens_t.append(tokens.to(env.device))
+        logprobs_t.append(
+            logprobs.to(env.device)
+            if logprobs is not None
+            else torch.full((num_envs,), float("nan"), device=env.device)
+        )
+        rewards_t.append(reward)
+        restarted = np.zeros(num_envs, dtype=bool)
+        done_rows = _completion_rows(info)
+        completion = info.get("completion", {})
+        for row in done_rows:
+            if active[row] and len(finished) < num_episodes:
+                record = {key: completion[key][row] for key in completion if not key.startswith("_")}
+                if not completion.get("_kl", np.zeros(num_envs, dtype=bool))[row]:
+                    record["kl"] = float("nan")
+                finished.append((int(row), int(start_step[row]), step, record))
+        if manual:
+            active[done_rows] = False
+            wanted = min(num_episodes - started, len(done_rows))
+            if wanted > 0:
+                rows = done_rows[:wanted]
+                mask = np.zeros(num_envs, dtype=bool)
+                mask[rows] = True
+                options = {"reset_mask": mask}
+                if queue is not None:
+                    options["prompt_indices"] = np.array(queue[started : started + wanted])
+                obs, _ = env.reset(options=options)
+                started += wanted
+                restarted[rows] = active[rows] = True
+                start_step[rows] = step + 1
+            if not active.any() and len(finished) < num_episodes:
+                raise RuntimeError("no sub-environment is running but episodes are missing")  # defensive
+        elif "_prompt_index" in info:
+            rows = np.flatnonzero(info["_prompt_index"])
+            restarted[rows] = True
+            start_step[rows] = step + 1
+        step += 1
+    return _assemble(env, finished, tokens_t, logprobs_t, rewards_t, step)
+
+
+def _assemble(env, finished, tokens_t, logprobs_t, rewards_t, steps) -> Trajectories:
+    tokens = torch.stack(tokens_t)  # (S, B)
+    logprobs = torch.stack(logprobs_t)
+    rewards = torch.stack(rewards_t)
+    responses, behaviour, per_token = [], [], []
+    for row, first, last, _ in finished:
+        responses.append(tokens[first : last + 1, row])
+        behaviour.append(logprobs[first : last + 1, row])
+        per_token.append(rewards[first : last + 1, row])
+    records = [record for *_, record in finished]
+    response_ids = pad_sequence(responses, batch_first=True, padding_value=env.pad_token_id)
+    mask = pad_sequence([torch.ones_like(r, dtype=torch.bool) for r in responses], batch_first=True)
+    prompt_index = np.array([r["prompt_index"] for r in records], dtype=np.int64)
+    lengths = np.array([r["length"] for r in records], dtype=np.int64)
+    if not np.array_equal(lengths, [last - first + 1 for _, first, last, _ in finished]):
+        raise RuntimeError("episode lengths disagree with the environment's report")  # bookkeeping guard
+    return Trajectories(
+        prompt_ids=[torch.as_tensor(env.prompt_token_ids(i), device=env.device) for i in prompt_index],
+        response_ids=response_ids,
+        logprobs=pad_sequence(behaviour, batch_first=True),
+        rewards=pad_sequence(per_token, batch_first=True),
+        mask=mask,
+        scores=np.array([r["score"] for r in records], dtype=np.float64),
+        kl=np.array([r["kl"] for r in records], dtype=np.float64),
+        returns=np.array([r["return"] for r in records], dtype=np.float64),
+        lengths=lengths,
+        eos=np.array([r["eos"] for r in records], dtype=bool),
+        prompt_index=prompt_index,
+        prompts=[str(r["prompt"]) for r in records],
+        responses=[str(r["response"]) for r in records],
+        steps=steps,
+    )

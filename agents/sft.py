@@ -1,0 +1,168 @@
+"""Supervised fine-tuning: maximise log p(response | prompt), the loss on response tokens only.
+
+Used for the SFT phase (Ouyang et al. 2022, step 1), by rejection sampling (Llama 2 fine-tunes on the
+best of k samples) and, as a plain language-modelling loss, by PPO-ptx.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from agents.losses import masked_mean
+from agents.optim import make_optimizer, make_scheduler, trainable_parameters
+from agents.policy import SequenceBatch, add_lora, response_forward
+from llm_env.models import model_device, pad_token_id
+from llm_env.prompts import read_jsonl
+
+__all__ = ["SFTConfig", "load_sft_data", "sft_loss", "sft_train", "tokenize_pairs"]
+
+
+@dataclass
+class SFTConfig:
+    """Options of :func:`sft_train`."""
+
+    learning_rate: float = 1e-4
+    """AdamW learning rate."""
+    epochs: int = 1
+    """Passes over the data."""
+    batch_size: int = 8
+    """Examples per optimizer step."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up linearly."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank instead of all weights (0: full fine-tuning)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default 2 * rank)."""
+    add_eos: bool = True
+    """Append the EOS token to text responses, so the model learns to stop."""
+    seed: int = 0
+    """Seed of the example order."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+
+
+def load_sft_data(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from a JSONL file; errors name the line and the field."""
+    pairs = []
+    for line, obj in read_jsonl(path):
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise ValueError(f"{os.fspath(path)}:{line}: missing field {key!r}")
+            if not isinstance(obj[key], str) or not obj[key].strip():
+                raise ValueError(f"{os.fspath(path)}:{line}: field {key!r} must be a non-empty string")
+        pairs.append((obj["prompt"], obj["response"]))
+    if not pairs:
+        raise ValueError(f"{os.fspath(path)} contains no examples")
+    return pairs
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    add_eos: bool = True,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids as the environment tokenizes them, response ids without special tokens (+ EOS)."""
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("add_eos=True but the tokenizer has no EOS token")
+        response_ids = [[*ids, tokenizer.eos_token_id] for ids in response_ids]
+    return prompt_ids, response_ids
+
+
+def sft_loss(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """Mean negative log-likelihood of the response tokens (prompt tokens carry no loss)."""
+    return -masked_mean(response_forward(model, batch).logprobs, batch.response_mask)
+
+
+def sft_train(
+    model: nn.Module,
+    examples: Sequence[tuple[Any, Any]],
+    config: SFTConfig | None = None,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune ``model`` on (prompt, response) examples; returns the model and metrics.
+
+    Examples are text pairs (then ``tokenizer`` is required) or token-id pairs (lists, arrays, tensors),
+    the form rejection sampling produces. With ``config.lora_rank > 0`` the returned model is a peft model.
+    """
+    config = config or SFTConfig()
+    if not examples:
+        raise ValueError("no SFT examples")
+    if isinstance(examples[0][0], str):
+        if tokenizer is None:
+            raise ValueError("text examples need tokenizer=...")
+        prompt_ids, response_ids = tokenize_pairs(
+            tokenizer, [p for p, _ in examples], [r for _, r in examples], add_eos=config.add_eos
+        )
+    else:
+        prompt_ids, response_ids = [p for p, _ in examples], [r for _, r in examples]
+    if config.lora_rank:
+        model = add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
+    device = model_device(model)
+    pad = pad_token_id(tokenizer) if tokenizer is not None else 0
+    data = SequenceBatch.build(prompt_ids, response_ids, pad_id=pad, device=device)
+    optimizer = make_optimizer(
+        trainable_parameters(model),
+        lr=config.learning_rate,
+        betas=(0.9, 0.999),
+        weight_decay=config.weight_decay,
+    )
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    scheduler = make_scheduler(
+        optimizer, config.lr_schedule, total_steps=total, warmup_steps=int(config.warmup_ratio * total)
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    epoch_losses: list[float] = []
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=total, desc="sft", disable=not config.progress, leave=False)
+    for _ in range(config.epochs):
+        order = torch.randperm(len(data), generator=generator).numpy()
+        epoch = []
+        for start in range(0, len(data), config.batch_size):
+            loss = sft_loss(model, data.select(order[start : start + config.batch_size]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(model), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            epoch.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{epoch[-1]:.3f}")
+        losses += epoch
+        epoch_losses.append(float(np.mean(epoch)))
+    bar.close()
+    model.train(was_training)
+    return model, {"loss": losses, "epoch_loss": epoch_losses, "examples": len(data), "steps": total}

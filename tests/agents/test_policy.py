@@ -1,0 +1,112 @@
+"""The agents' LM plumbing: cached sampling, teacher-forced scoring, the LoRA reference."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import llm_env
+from agents.policy import SequenceBatch, TokenSampler, ValueHead, add_lora, response_forward
+from llm_env.tiny import tiny_gpt2, tiny_llama
+
+
+def full_forward_logprob(model, ids, token, temperature=1.0):
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids)[None]).logits[0, -1].float() / temperature
+    return float(logits.log_softmax(-1)[token])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_full_forward_across_restarts(
+    tokenizer, task_prompts, task_reward, temperature
+):
+    policy = tiny_gpt2(tokenizer, seed=5)
+    env = llm_env.TextGenVectorEnv(
+        num_envs=3, prompts=task_prompts, tokenizer=tokenizer, reward=task_reward, max_new_tokens=3
+    )
+    sampler = TokenSampler(
+        policy, 3, env.max_length, temperature=temperature, generator=torch.Generator().manual_seed(0)
+    )
+    obs, _ = env.reset(seed=0)
+    restarted = np.ones(3, dtype=bool)
+    for _ in range(8):  # several episodes per row: autoresets in the middle
+        action = sampler.act(obs, restarted)
+        for row in range(3):
+            length = int(obs["attention_mask"][row].sum())
+            expected = full_forward_logprob(
+                policy, obs["input_ids"][row, :length], int(action.tokens[row]), temperature
+            )
+            assert float(action.logprobs[row]) == pytest.approx(expected, abs=1e-5)
+        obs, _, _, _, info = env.step(action)
+        restarted = info.get("_prompt_index", np.zeros(3, dtype=bool))
+
+
+def test_sequence_batch_scores_every_response_token(tokenizer):
+    model = tiny_llama(tokenizer, seed=1)
+    prompts, responses = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
+    batch = SequenceBatch.build(prompts, responses, pad_id=0, device="cpu")
+    assert batch.positions.tolist() == [[2, 3, 0], [0, 1, 2]]
+    assert batch.response_mask.tolist() == [[True, True, False], [True, True, True]]
+    head = ValueHead(32)
+    torch.nn.init.normal_(head.linear.weight)
+    with torch.no_grad():
+        scores = response_forward(model, batch, value_head=head, entropy=True)
+    for n, (p, r) in enumerate(zip(prompts, responses)):
+        for j, token in enumerate(r):
+            assert float(scores.logprobs[n, j]) == pytest.approx(
+                full_forward_logprob(model, p + r[:j], token), abs=1e-5
+            )
+            with torch.no_grad():
+                hidden = model(torch.tensor([p + r[:j]]), output_hidden_states=True).hidden_states[-1][0, -1]
+            assert float(scores.values[n, j]) == pytest.approx(float(head(hidden).detach()), abs=1e-5)
+    assert float(scores.logprobs[0, 2]) == 0.0 and float(scores.entropy[0, 2]) == 0.0  # padding
+    assert (scores.entropy[batch.response_mask] > 0).all()
+
+
+def test_lora_adapter_disabled_reference_equals_a_frozen_copy_of_the_base(tokenizer):
+    """The PPO reference with LoRA is the base under disable_adapter(): same log-probs as a separate copy."""
+    base = tiny_gpt2(tokenizer, seed=6)
+    frozen = copy.deepcopy(base)
+    policy = add_lora(base, rank=4)
+    with torch.no_grad():  # move the adapters away from their zero init, as training would
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    batch = SequenceBatch.build([[5, 6, 7], [8, 9]], [[10, 11, 12], [13]], pad_id=0, device="cpu")
+    with torch.no_grad():
+        with policy.disable_adapter():
+            reference = response_forward(policy, batch).logprobs
+        separate = response_forward(frozen, batch).logprobs
+        adapted = response_forward(policy, batch).logprobs
+    torch.testing.assert_close(reference, separate, atol=1e-6, rtol=0)
+    assert not torch.allclose(adapted, separate)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_sequence_batch_rejects_empty_examples():
+    with pytest.raises(ValueError, match="empty response"):
+        SequenceBatch.build([[1, 2]], [[]], pad_id=0, device="cpu")
+    with pytest.raises(ValueError, match="as many prompts as responses"):
+        SequenceBatch.build([[1]], [[2], [3]], pad_id=0, device="cpu")
+
+
+def test_disabled_mode_env_is_usable_for_sampling(tokenizer, task_prompts, task_reward):
+    env = llm_env.TextGenVectorEnv(
+        num_envs=2,
+        prompts=task_prompts,
+        tokenizer=tokenizer,
+        reward=task_reward,
+        max_new_tokens=2,
+        autoreset_mode=AutoresetMode.DISABLED,
+    )
+    sampler = TokenSampler(tiny_gpt2(tokenizer), 2, env.max_length, greedy=True)
+    obs, _ = env.reset(seed=0)
+    first = sampler.act(obs, np.ones(2, dtype=bool))
+    obs2, _ = env.reset(seed=0)
+    sampler2 = TokenSampler(tiny_gpt2(tokenizer), 2, env.max_length, greedy=True)
+    assert torch.equal(
+        sampler2.act(obs2, np.ones(2, dtype=bool)).tokens, first.tokens
+    )  # greedy is deterministic
