@@ -96,7 +96,8 @@ class RejectionSamplingConfig:
     pool: Literal["accumulate", "latest"] = "accumulate"
     """Fine-tune on the best samples of all rounds so far (Llama 2) or of the latest round only."""
     kl_groups: int = 4
-    """Groups of k samples drawn for the KL measurement (>= 2 to measure; 1 disables it)."""
+    """Groups of k samples per prompt drawn to measure the best-of-k KL (>= 2 to measure; 1 disables it).
+    The extra groups are drawn for ``kl_prompts`` prompts only and never used for selection."""
     kl_prompts: int = 16
     """Prompts used for the KL measurement."""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(learning_rate=1e-5, epochs=1, progress=False))
@@ -213,16 +214,14 @@ class RejectionSamplingAgent:
         else:
             prompts = rng.choice(n_prompts, size=min(config.prompts_per_round, n_prompts), replace=False)
         start = time.perf_counter()
-        groups = config.kl_groups if config.kl_prompts and config.kl_groups >= 2 else 1
-        draws = self.sample(env, prompts, config.k * groups, seed=seed)
+        draws = self.sample(env, prompts, config.k, seed=seed)  # episode i * k + j: prompt i, draw j
         elapsed = time.perf_counter() - start
-        scores = draws.scores.reshape(len(prompts), config.k * groups)
-        first = scores[:, : config.k]  # selection uses the first k samples, as plain best-of-k would
-        winners = first.argmax(axis=1)
-        best = []
+        scores = draws.scores.reshape(len(prompts), config.k)
+        winners = scores.argmax(axis=1)
         responses = draws.response_list()
+        best = []
         for i, prompt in enumerate(prompts):
-            episode = i * config.k * groups + int(winners[i])
+            episode = i * config.k + int(winners[i])
             best.append(
                 {
                     "prompt_index": int(prompt),
@@ -233,6 +232,13 @@ class RejectionSamplingAgent:
                     "round": self.round,
                 }
             )
+        kl_measured = None
+        if config.kl_groups >= 2 and config.kl_prompts:
+            # More draws for a few prompts, only to measure the best-of-k KL (not used for selection).
+            rows = min(config.kl_prompts, len(prompts))
+            extra = self.sample(env, prompts[:rows], config.k * (config.kl_groups - 1), seed=seed + 1)
+            pooled = np.concatenate([scores[:rows], extra.scores.reshape(rows, -1)], axis=1)
+            kl_measured = best_of_k_kl(pooled, config.k)
         self.pool = [*self.pool, *best] if config.pool == "accumulate" else best
         examples = [(env.prompt_token_ids(item["prompt_index"]), item["response_ids"]) for item in self.pool]
         sft = dataclasses.replace(config.sft, seed=config.sft.seed + self.round)
@@ -241,16 +247,15 @@ class RejectionSamplingAgent:
         self.round += 1
         stats = {
             "round": float(self.round),
-            "sample_score": float(first.mean()),
-            "best_score": float(first.max(axis=1).mean()),
+            "sample_score": float(scores.mean()),
+            "best_score": float(scores.max(axis=1).mean()),
             "pool_size": float(len(self.pool)),
             "sft_loss": float(sft_metrics["epoch_loss"][-1]),
             "kl_best_of_k_theory": best_of_k_kl_theory(config.k),
             "sample_tokens_per_s": float(draws.lengths.sum()) / max(elapsed, 1e-9),
         }
-        if groups > 1:
-            rows = min(config.kl_prompts, len(prompts))
-            stats["kl_best_of_k_measured"] = best_of_k_kl(scores[:rows], config.k)
+        if kl_measured is not None:
+            stats["kl_best_of_k_measured"] = kl_measured
         if np.isfinite(draws.kl).any():
             stats["kl_to_reference"] = float(np.nanmean(draws.kl))
         return stats

@@ -98,7 +98,8 @@ def collect_episodes(
     restarts sub-environments itself and episodes still running when enough have finished are dropped.
     With ``AutoresetMode.DISABLED`` this loop restarts finished sub-environments only while more episodes
     are needed, so nothing is wasted, and ``prompt_indices`` (one per episode, in order) can force the
-    prompts, e.g. each prompt k times for best-of-k.
+    prompts, e.g. each prompt k times for best-of-k. Episodes come back in the order they finished, or,
+    with ``prompt_indices``, in the order of that queue (episode ``i`` answers ``prompt_indices[i]``).
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
@@ -123,6 +124,7 @@ def collect_episodes(
     restarted = reset_mask.copy()
     active = reset_mask.copy()  # rows whose current episode counts
     start_step = np.zeros(num_envs, dtype=np.int64)
+    position = np.arange(num_envs, dtype=np.int64)  # queue position of each row's current episode
 
     tokens_t, logprobs_t, rewards_t = [], [], []
     finished: list[tuple[int, int, int, dict[str, Any]]] = []  # (row, first step, last step, completion)
@@ -149,7 +151,7 @@ def collect_episodes(
                 record = {key: completion[key][row] for key in completion if not key.startswith("_")}
                 if not completion.get("_kl", np.zeros(num_envs, dtype=bool))[row]:
                     record["kl"] = float("nan")
-                finished.append((int(row), int(start_step[row]), step, record))
+                finished.append((int(row), int(start_step[row]), step, {**record, "_position": int(position[row])}))
         if manual:
             active[done_rows] = False
             wanted = min(num_episodes - started, len(done_rows))
@@ -161,6 +163,7 @@ def collect_episodes(
                 if queue is not None:
                     options["prompt_indices"] = np.array(queue[started : started + wanted])
                 obs, _ = env.reset(options=options)
+                position[rows] = np.arange(started, started + wanted)
                 started += wanted
                 restarted[rows] = active[rows] = True
                 start_step[rows] = step + 1
@@ -171,6 +174,8 @@ def collect_episodes(
             restarted[rows] = True
             start_step[rows] = step + 1
         step += 1
+    if queue is not None:
+        finished.sort(key=lambda episode: episode[3]["_position"])
     return _assemble(env, finished, tokens_t, logprobs_t, rewards_t, step)
 
 

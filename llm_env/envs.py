@@ -372,9 +372,9 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
             for i in range(num_envs)
         ]
         self._rngs: list[np.random.Generator | None] = [None] * num_envs
-        self._ended = np.zeros(
-            num_envs, dtype=bool
-        )  # the episode ended at the last step (or before, if DISABLED)
+        # Rows not running: ended at the last step (or earlier when autoreset is DISABLED), or never reset.
+        self._ended = np.ones(num_envs, dtype=bool)
+        self._started = False
         self._terminated = np.zeros(num_envs, dtype=bool)
         self._truncated = np.zeros(num_envs, dtype=bool)
 
@@ -389,8 +389,11 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
                 raise ValueError(
                     f"a list of seeds must have num_envs={self.num_envs} entries, got {len(seeds)}"
                 )
-        for row in rows:
-            if seeds[row] is not None or self._rngs[row] is None:
+        selected = set(int(r) for r in rows)
+        for row in range(self.num_envs):
+            # Reset rows take their seed; a row that has never had a generator gets its own seed too (it
+            # starts later, by autoreset or a partial reset, and must still be reproducible).
+            if (row in selected and seeds[row] is not None) or self._rngs[row] is None:
                 self._rngs[row], _ = seeding.np_random(seeds[row])
                 self._samplers[row].restart()
         if seed is not None:
@@ -432,6 +435,7 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         else:
             indices = self._draw(rows)
         self.batch.reset_rows(rows, indices)
+        self._started = True
         self._ended[rows] = False
         self._terminated[rows] = False
         self._truncated[rows] = False
@@ -461,7 +465,7 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     def step(
         self, actions: Any
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
-        if not self.batch.ready.all():
+        if not self._started:
             raise RuntimeError("step() called before reset(): call envs.reset() first")
         tokens, logprobs = self._parse_actions(actions)
         next_step = self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
@@ -493,9 +497,12 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         )
 
     def render(self) -> tuple[str, ...] | None:
-        if self.render_mode != "ansi" or not self.batch.ready.all():
+        if self.render_mode != "ansi" or not self._started:
             return None
-        return tuple("\u2502".join(self.batch.text(row)) for row in range(self.num_envs))
+        return tuple(
+            "\u2502".join(self.batch.text(row)) if self.batch.ready[row] else ""
+            for row in range(self.num_envs)
+        )
 
     def close_extras(self, **kwargs: Any) -> None:
         self.batch.lm = None

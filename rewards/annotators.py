@@ -140,7 +140,8 @@ def simulate_preferences(
     For each prompt, ``sample_fn(prompts, 2 * pairs_per_prompt)`` provides responses that are paired
     consecutively; the winner of each pair is drawn from the Bradley-Terry model of the gold scores at
     ``temperature`` and the level is set from the gold gap by ``level_thresholds``. Pairs whose two
-    responses are identical cannot be labelled and are dropped, with a warning saying how many.
+    responses are identical, or that contain an empty response (a policy may stop at once), cannot be
+    labelled and are dropped, with a warning saying how many.
 
     Args:
         prompts: the prompts.
@@ -168,8 +169,8 @@ def simulate_preferences(
     for i, prompt in enumerate(prompts):
         for j in range(pairs_per_prompt):
             ra, rb = samples[i][2 * j], samples[i][2 * j + 1]
-            if ra == rb:
-                dropped += 1
+            if ra == rb or not ra.strip() or not rb.strip():
+                dropped += 1  # identical or empty responses cannot be labelled
                 continue
             first, second = (0, 1) if a_wins[i, j] else (1, 0)
             texts, golds = (ra, rb), (float(a[i, j]), float(b[i, j]))
@@ -183,7 +184,7 @@ def simulate_preferences(
                 )
             )
     if dropped:
-        warnings.warn(f"dropped {dropped} simulated pairs whose two responses were identical", stacklevel=2)
+        warnings.warn(f"dropped {dropped} simulated pairs whose responses were identical or empty", stacklevel=2)
     return out
 
 
@@ -198,8 +199,8 @@ def simulate_rankings(
 ) -> list[Comparison]:
     """K-way rankings (InstructGPT collects K = 4 to 9) drawn from the Plackett-Luce model of gold scores.
 
-    Duplicate responses of a prompt are kept once (a ranking must compare distinct texts); prompts left
-    with fewer than two distinct responses are dropped, with a warning saying how many.
+    Duplicate responses of a prompt are kept once (a ranking must compare distinct texts) and empty ones
+    are left out; prompts left with fewer than two are dropped, with a warning saying how many.
 
     Returns:
         :class:`Comparison` rankings with responses best first and their ``gold`` scores.
@@ -213,7 +214,7 @@ def simulate_rankings(
     orders = plackett_luce_orders(scores, temperature, rng)  # (n, k)
     out, dropped = [], 0
     for i, prompt in enumerate(prompts):
-        ranked = list(dict.fromkeys(samples[i][o] for o in orders[i]))  # keeps the best-ranked copy
+        ranked = list(dict.fromkeys(samples[i][o] for o in orders[i] if samples[i][o].strip()))  # best copy
         if len(ranked) < 2:
             dropped += 1
             continue
@@ -223,5 +224,5 @@ def simulate_rankings(
         golds = tuple(float(scores[i, first_index[r]]) for r in ranked)
         out.append(Comparison(prompt, tuple(ranked), where=f"simulated prompt {i}", gold=golds))
     if dropped:
-        warnings.warn(f"dropped {dropped} prompts whose samples were all identical", stacklevel=2)
+        warnings.warn(f"dropped {dropped} prompts with fewer than two distinct non-empty samples", stacklevel=2)
     return out

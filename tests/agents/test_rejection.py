@@ -43,6 +43,10 @@ def test_a_round_raises_the_score_above_the_starting_policy(
     assert stats["best_score"] > stats["sample_score"]  # selection picks above-average samples
     assert after > before + 0.15, (before, after)  # and fine-tuning on them moves the policy (noise ~0.05)
     assert stats["pool_size"] == len(task_prompts)
+    for item in agent.pool:  # every kept response answers its own prompt
+        assert item["prompt"] == task_prompts[item["prompt_index"]]
+        text = tokenizer.decode(env.prompt_token_ids(item["prompt_index"]).tolist() + item["response_ids"], skip_special_tokens=True)
+        assert text.endswith(item["response"]) and item["score"] == task_reward([""], [item["response"]])[0]
     assert stats["kl_best_of_k_theory"] == pytest.approx(math.log(8) - 7 / 8)
     assert "kl_best_of_k_measured" in stats and "kl_to_reference" in stats
 

@@ -63,7 +63,8 @@ def test_forced_prompts_in_order(tokenizer, task_prompts, task_reward):
     agent = FixedAgent(lambda t, b: [5 + t % 3] * b)
     queue = [3, 3, 1, 0, 2]
     trajectories = collect_episodes(env, agent, 5, seed=0, prompt_indices=queue)
-    assert sorted(trajectories.prompt_index.tolist()) == sorted(queue)
+    assert trajectories.prompt_index.tolist() == queue  # episode i answers prompt_indices[i]
+    assert trajectories.prompts == [task_prompts[i] for i in queue]
     assert all(np.isnan(trajectories.kl))  # no reference: the KL is unknown, not zero
 
 

@@ -303,3 +303,17 @@ def test_adapter_disabled_reference_matches_a_frozen_copy_of_the_base(tokenizer,
     with torch.no_grad():  # and the adapter really changes the policy, so the test can tell them apart
         ids = torch.tensor([[5, 6, 7]])
         assert not torch.allclose(policy(ids).logits, frozen_copy(ids).logits)
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.NEXT_STEP, AutoresetMode.DISABLED])
+def test_a_first_reset_of_some_sub_envs_leaves_the_others_waiting(make_vec_env, mode):
+    envs = make_vec_env(num_envs=3, autoreset_mode=mode, render_mode="ansi")
+    obs, info = envs.reset(seed=0, options={"reset_mask": np.array([True, False, True])})
+    assert obs["attention_mask"][1].sum() == 0 and info["_prompt_index"].tolist() == [True, False, True]
+    assert envs.render()[1] == ""
+    obs, rewards, terminations, truncations, info = envs.step(torch.tensor([5, 5, 5]))
+    if mode == AutoresetMode.NEXT_STEP:  # a waiting sub-env is started by the next step, like a finished one
+        assert info["_prompt_index"].tolist() == [False, True, False] and obs["attention_mask"][1].sum() > 0
+    else:  # with autoreset disabled it waits for an explicit reset, frozen
+        assert "_prompt_index" not in info and obs["attention_mask"][1].sum() == 0
+    assert rewards[1] == 0.0 and not terminations[1] and not truncations[1]
