@@ -5,7 +5,8 @@ re-reads the whole observation at every step (no KV cache, for brevity), samples
 log-probability so the environment pays the exact KL penalty. It learns with REINFORCE (Williams 1992)
 and a moving-average baseline, on the environment's own return (reward-model score minus KL).
 
-    python examples/custom_agent.py
+    python examples/custom_agent.py                  # train it on a toy task
+    python examples/custom_agent.py --leaderboard    # add it to the benchmark's leaderboard and run it
 """
 
 from __future__ import annotations
@@ -63,11 +64,36 @@ def positive_words(prompts: list[str], responses: list[str]) -> list[float]:
     return [float(sum(w in {"good", "great", "fun"} for w in r.split())) for r in responses]
 
 
+def register_on_the_leaderboard(updates: int, episodes: int) -> None:
+    """One registered function puts the agent on ``llm-env benchmark``'s leaderboard."""
+    from llm_env.benchmark import BenchmarkContext, register_agent
+
+    @register_agent("reinforce", description="examples/custom_agent.py: REINFORCE with a baseline")
+    def reinforce(ctx: BenchmarkContext) -> Reinforce:
+        agent = Reinforce(ctx.load_policy(), lr=1e-4, seed=ctx.settings.seed)
+        env = ctx.make_env(kl_coef=ctx.settings.ppo_kl_coef, autoreset_mode=AutoresetMode.DISABLED)
+        for update in range(updates):
+            agent.learn(collect_episodes(env, agent, episodes, seed=update))
+        return agent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--episodes", type=int, default=16)
+    parser.add_argument(
+        "--leaderboard", action="store_true", help="run it in the benchmark next to SFT and PPO"
+    )
+    parser.add_argument("--tiny", action="store_true", help="with --leaderboard: toy sizes, seconds")
     args = parser.parse_args()
+
+    if args.leaderboard:
+        from llm_env.benchmark import BenchmarkSettings, run_benchmark
+
+        register_on_the_leaderboard(args.updates, args.episodes)
+        settings = BenchmarkSettings.tiny() if args.tiny else BenchmarkSettings.quick()
+        run_benchmark(settings, agents=["sft", "ppo", "reinforce"], out_dir="runs/custom-agent")
+        return
 
     prompts = ["the film was", "the story is", "i think the actors", "overall it was"]
     tokenizer = word_tokenizer([*prompts, "good great fun bad dull slow and but the plot music ending"])

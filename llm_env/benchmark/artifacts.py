@@ -1,0 +1,330 @@
+"""Build (or load from the cache) what every agent of the benchmark shares.
+
+Stages, each one concise line when it finishes: a word-level tokenizer; a GPT-2-shaped policy pretrained
+on generated reviews and fine-tuned on (prompt, review) pairs (the SFT model); SFT samples compared by
+simulated annotators (noisy Bradley-Terry draws from the gold rater, Llama 2's four levels); a helpfulness
+and a safety reward model initialised from the SFT model (Llama 2) and trained on those comparisons; their
+accuracy against noiseless gold labels on held-out prompts. Everything lands in
+``<cache>/<settings hash>/`` and a second run with the same settings loads it instead.
+
+With your own models (``policy=``, ``reward_model=``, ``prompts=``) nothing is built: the benchmark
+runs on them, with the reward model as proxy and no gold rater unless one is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from transformers import PreTrainedTokenizerBase
+
+from llm_env import TextGenVectorEnv
+from llm_env.benchmark.settings import BenchmarkSettings
+from llm_env.benchmark.task import KIDS_TAG, ReviewTask
+from llm_env.models import load_causal_lm, load_tokenizer
+from llm_env.prompts import load_prompts
+from llm_env.tiny import tiny_gpt2, word_tokenizer
+
+__all__ = ["Artifacts", "build_artifacts", "default_cache_dir", "load_byo_artifacts", "sample_texts"]
+
+Log = Callable[[str], None]
+
+
+def default_cache_dir() -> Path:
+    """``$LLM_ENV_CACHE`` or ``~/.cache/llm_env``."""
+    return Path(os.environ.get("LLM_ENV_CACHE", Path.home() / ".cache" / "llm_env"))
+
+
+@dataclass
+class Artifacts:
+    """What the agents share: models, prompts, the proxy reward and (for the built-in task) the gold."""
+
+    policy_path: str
+    """The SFT policy (and its tokenizer): where agents start and the KL reference."""
+    reference_path: str
+    """The KL reference (the SFT policy unless given)."""
+    tokenizer: PreTrainedTokenizerBase
+    reward: Callable[[Sequence[str], Sequence[str]], Any]
+    """The proxy reward the agents optimise (the Llama 2 combination of the two reward models)."""
+    gold: Callable[[Sequence[str], Sequence[str]], Any] | None
+    """The gold rater that scores the agents, or None when running on your own models without one."""
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """Build-time measurements: SFT losses, reward-model accuracies (overall and per level)."""
+    directory: Path | None = None
+    task: ReviewTask | None = None
+
+
+def sample_texts(
+    policy: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    k: int,
+    *,
+    max_new_tokens: int,
+    num_envs: int,
+    device: torch.device | str,
+    seed: int,
+) -> list[list[str]]:
+    """``k`` sampled responses per prompt, generated through the environment with the policy's KV cache."""
+    from agents.policy import TokenSampler
+    from agents.rollout import collect_episodes
+
+    env = TextGenVectorEnv(
+        num_envs=num_envs,
+        prompts=list(prompts),
+        tokenizer=tokenizer,
+        reward=lambda p, r: [0.0] * len(r),
+        max_new_tokens=max_new_tokens,
+        autoreset_mode=AutoresetMode.DISABLED,
+        device=device,
+    )
+    sampler = TokenSampler(
+        policy, num_envs, env.max_length, generator=torch.Generator(device=device).manual_seed(seed)
+    )
+    queue = np.repeat(np.arange(len(prompts)), k)
+    draws = collect_episodes(env, sampler, len(queue), seed=seed, prompt_indices=queue)
+    out: list[list[str]] = [[] for _ in prompts]
+    for index, response in zip(draws.prompt_index, draws.responses):
+        out[int(index)].append(response)
+    return out
+
+
+def _train_policy(
+    task: ReviewTask, settings: BenchmarkSettings, tokenizer: Any, device: Any, log: Log, progress: bool
+) -> tuple[Any, dict]:
+    from agents.sft import SFTConfig, sft_train
+
+    model = tiny_gpt2(
+        tokenizer,
+        n_layer=settings.policy_layers,
+        n_embd=settings.policy_width,
+        n_head=4,
+        n_positions=128,
+        seed=settings.seed,
+    ).to(device)
+    config = SFTConfig(
+        learning_rate=settings.sft_lr,
+        epochs=1,
+        batch_size=32,
+        warmup_ratio=0.05,
+        seed=settings.seed,
+        progress=progress,
+    )
+    start = time.perf_counter()
+    prompts = task.prompts(settings.pretrain_texts, stream=1)
+    documents = [p + r for p, r in zip(prompts, task.reviews(prompts, stream=1))]
+    ids = [[*row, tokenizer.eos_token_id] for row in tokenizer(documents)["input_ids"]]
+    model, pretrain = sft_train(model, [(row[:1], row[1:]) for row in ids], config)  # LM loss on every token
+    log(
+        f"pretrained the policy on {len(documents)} reviews: loss {pretrain['epoch_loss'][-1]:.3f} ({time.perf_counter() - start:.0f}s)"
+    )
+    start = time.perf_counter()
+    prompts = task.prompts(settings.sft_pairs, stream=2)
+    pairs = list(zip(prompts, task.reviews(prompts, stream=2)))
+    model, sft = sft_train(model, pairs, config, tokenizer=tokenizer)
+    log(
+        f"fine-tuned it on {len(pairs)} (prompt, review) pairs: loss {sft['epoch_loss'][-1]:.3f} ({time.perf_counter() - start:.0f}s)"
+    )
+    return model.eval(), {"pretrain_loss": pretrain["epoch_loss"][-1], "sft_loss": sft["epoch_loss"][-1]}
+
+
+def _reward_model(
+    name: str,
+    task: ReviewTask,
+    settings: BenchmarkSettings,
+    policy: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    eval_prompts: list[str],
+    gold: Callable,
+    device: Any,
+    stream: int,
+    log: Log,
+    progress: bool,
+) -> tuple[Any, dict, list]:
+    from rewards import RewardModel, simulate_preferences, train_reward_model
+    from rewards.train import evaluate_reward_model
+
+    def sample_fn(ps: list[str], k: int) -> list[list[str]]:
+        return sample_texts(
+            policy,
+            tokenizer,
+            ps,
+            k,
+            max_new_tokens=settings.max_new_tokens,
+            num_envs=settings.num_envs,
+            device=device,
+            seed=settings.seed * 1000 + stream,
+        )
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # identical sample pairs are dropped: counted below
+        train = simulate_preferences(
+            prompts,
+            sample_fn,
+            gold,
+            pairs_per_prompt=settings.pairs_per_prompt,
+            temperature=settings.annotator_temperature,
+            seed=settings.seed + stream,
+        )
+        held_out = simulate_preferences(
+            eval_prompts, sample_fn, gold, temperature=0.0, seed=settings.seed + stream + 1
+        )
+    rm = RewardModel.from_causal_lm(policy, tokenizer)
+    result = train_reward_model(
+        rm,
+        train,
+        eval_data=held_out,
+        epochs=settings.rm_epochs,
+        lr=settings.rm_lr,
+        batch_size=32,
+        center_coef=0.01,
+        seed=settings.seed + stream,
+        progress=progress,
+    )
+    evaluation = evaluate_reward_model(result.model, held_out)
+    per_level = {level: round(v["accuracy"], 3) for level, v in evaluation["per_level"].items()}
+    log(
+        f"trained the {name} reward model on {len(train)} simulated comparisons: held-out accuracy vs the "
+        f"noiseless gold {evaluation['accuracy']:.3f} ({per_level}) ({time.perf_counter() - start:.0f}s)"
+    )
+    metrics = {"train_pairs": len(train), "eval_pairs": len(held_out), "accuracy": evaluation["accuracy"]}
+    metrics.update(
+        per_level=evaluation["per_level"], mean_gap=evaluation["mean_gap"], stats=result.metrics["stats"]
+    )
+    return result.model, metrics, train
+
+
+def build_artifacts(
+    settings: BenchmarkSettings,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    rebuild: bool = False,
+    log: Log = print,
+    progress: bool = True,
+) -> Artifacts:
+    """The built-in review task's artifacts, from ``cache_dir`` when present (see the module docstring)."""
+    from rewards import Llama2Reward, RewardModel, save_preferences
+
+    task = ReviewTask(seed=settings.seed)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    directory = root / "benchmark" / f"reviews-{settings.artifact_key()}"
+    done = directory / "artifacts.json"
+    train_prompts = task.prompts(settings.train_prompts, stream=5)
+    eval_prompts = task.prompts(settings.eval_prompts, stream=6)
+    if rebuild and directory.exists():
+        shutil.rmtree(directory)
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        log(f"reusing the cached SFT policy and reward models in {directory}")
+    else:
+        start = time.perf_counter()
+        tmp = directory.with_name(directory.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        tokenizer = word_tokenizer([" ".join(task.vocabulary())])
+        policy, metrics = _train_policy(task, settings, tokenizer, device, log, progress)
+        policy.save_pretrained(tmp / "sft")
+        tokenizer.save_pretrained(tmp / "sft")
+        rm_prompts = task.prompts(settings.rm_prompts, stream=3)
+        rm_eval = task.prompts(settings.rm_eval_prompts, stream=4)
+        kids = [
+            f"{KIDS_TAG} {p}" if not p.startswith(KIDS_TAG) else p
+            for p in task.prompts(settings.safety_rm_prompts, stream=7)
+        ]
+        kids_eval = [
+            f"{KIDS_TAG} {p}" if not p.startswith(KIDS_TAG) else p
+            for p in rm_eval[: max(10, len(rm_eval) // 2)]
+        ]
+        for name, prompts, eval_ps, gold, stream in (
+            ("helpfulness", rm_prompts, rm_eval, task.gold_helpfulness, 10),
+            ("safety", kids, kids_eval, task.gold_safety, 20),
+        ):
+            rm, rm_metrics, data = _reward_model(
+                name, task, settings, policy, tokenizer, prompts, eval_ps, gold, device, stream, log, progress
+            )
+            rm.save_pretrained(tmp / f"rm_{name}")
+            save_preferences(data, tmp / f"preferences_{name}.jsonl")
+            metrics[f"rm_{name}"] = rm_metrics
+        metrics["build_seconds"] = time.perf_counter() - start
+        metrics["settings"] = {name: getattr(settings, name) for name in settings.ARTIFACT_FIELDS}
+        (tmp / "artifacts.json").write_text(json.dumps(metrics, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+        log(f"cached the SFT policy and reward models in {directory} ({metrics['build_seconds']:.0f}s)")
+    tokenizer = load_tokenizer(directory / "sft")
+    reward = Llama2Reward(
+        RewardModel.from_pretrained(directory / "rm_helpfulness", device=device),
+        RewardModel.from_pretrained(directory / "rm_safety", device=device),
+        safety_tag=KIDS_TAG,
+    )
+    return Artifacts(
+        policy_path=str(directory / "sft"),
+        reference_path=str(directory / "sft"),
+        tokenizer=tokenizer,
+        reward=reward,
+        gold=task.gold,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+        metrics=metrics,
+        directory=directory,
+        task=task,
+    )
+
+
+def load_byo_artifacts(
+    *,
+    policy: str,
+    reward_model: str,
+    prompts: str | None,
+    reference: str | None,
+    gold_reward_model: str | None,
+    settings: BenchmarkSettings,
+    device: torch.device | str,
+    log: Log = print,
+) -> Artifacts:
+    """Artifacts from your own models and prompts (local paths or hub names; hub names need network).
+
+    The prompts are split into training and held-out evaluation prompts by the settings' sizes (seeded).
+    """
+    from llm_env.reward import as_reward_function
+
+    tokenizer = load_tokenizer(policy)
+    reward = as_reward_function(reward_model, device=device)
+    gold = as_reward_function(gold_reward_model, device=device) if gold_reward_model else None
+    if prompts is None:
+        raise ValueError('--prompts is required with --policy (a JSONL file of {"prompt": ...} lines)')
+    texts = load_prompts(prompts)
+    order = np.random.default_rng(settings.seed).permutation(len(texts))
+    n_eval = min(settings.eval_prompts, max(1, len(texts) // 5))
+    eval_prompts = [texts[i] for i in order[:n_eval]]
+    train_prompts = [texts[i] for i in order[n_eval : n_eval + settings.train_prompts]] or eval_prompts
+    load_causal_lm(policy)  # fail early on a bad path
+    log(
+        f"using your models: policy {policy}, reward {reward_model}; {len(train_prompts)} train / {len(eval_prompts)} eval prompts"
+    )
+    return Artifacts(
+        policy_path=policy,
+        reference_path=reference or policy,
+        tokenizer=tokenizer,
+        reward=reward,
+        gold=gold,
+        train_prompts=train_prompts,
+        eval_prompts=eval_prompts,
+    )

@@ -1,0 +1,238 @@
+"""The built-in leaderboard entries. Each trains (if it learns) through the benchmark's environment and
+returns an agent; the runner evaluates them all the same way. Best-of-k is evaluated by the runner itself
+(it is a decoding strategy over the SFT policy, not a token-level agent)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+
+from agents import (
+    IterativeConfig,
+    PPOAgent,
+    PPOConfig,
+    RejectionSamplingAgent,
+    RejectionSamplingConfig,
+    SFTConfig,
+    TokenSampler,
+    iterative_rlhf,
+)
+from llm_env import TokenActions
+from llm_env.benchmark.harness import BenchmarkContext, register_agent
+
+__all__ = ["PolicyAgent", "RandomAgent", "SB3Agent", "ppo_run"]
+
+
+class PolicyAgent:
+    """Samples from a causal LM with its KV cache (temperature 1): the SFT baseline, and the policies
+    that other pipelines return."""
+
+    def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
+        self.model = model.eval()
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        self._sampler: TokenSampler | None = None
+        self._shape: tuple[int, ...] | None = None
+
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
+        shape = tuple(obs["input_ids"].shape)
+        if self._sampler is None or shape != self._shape:
+            self._sampler = TokenSampler(self.model, shape[0], shape[1], generator=self.generator)
+            self._shape = shape
+        return self._sampler.act(obs, restarted)
+
+
+class RandomAgent:
+    """Uniformly random tokens, with their log-probability ``-log V``: the floor of the leaderboard."""
+
+    def __init__(self, vocab_size: int, seed: int = 0) -> None:
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
+        batch = obs["input_ids"].shape[0]
+        tokens = torch.randint(0, self.vocab_size, (batch,), generator=self.generator)
+        return TokenActions(tokens, torch.full((batch,), -math.log(self.vocab_size)))
+
+
+class SB3Agent:
+    """Acts with a trained Stable-Baselines3 policy and reports its log-probabilities (for the KL)."""
+
+    def __init__(self, model: Any, seed: int = 0) -> None:
+        self.policy = model.policy
+        self.generator = torch.Generator(device=self.policy.device).manual_seed(seed)
+
+    @torch.no_grad()
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
+        self.policy.set_training_mode(False)
+        observation = {key: value.to(self.policy.device) for key, value in obs.items()}
+        logits = self.policy.get_distribution(observation).distribution.logits  # (B, V), normalised
+        tokens = torch.multinomial(logits.exp(), 1, generator=self.generator).squeeze(1)
+        return TokenActions(tokens, logits.gather(1, tokens[:, None]).squeeze(1))
+
+
+@register_agent("sft", description="the SFT policy, sampled at temperature 1 (the baseline)")
+def sft_agent(ctx: BenchmarkContext) -> PolicyAgent:
+    return PolicyAgent(ctx.load_policy(), seed=ctx.settings.seed)
+
+
+@register_agent("random", description="uniformly random tokens")
+def random_agent(ctx: BenchmarkContext) -> RandomAgent:
+    return RandomAgent(len(ctx.tokenizer), seed=ctx.settings.seed)
+
+
+def _ppo_config(ctx: BenchmarkContext, kl_coef: float, name: str) -> PPOConfig:
+    s = ctx.settings
+    return PPOConfig(
+        learning_rate=s.ppo_lr,
+        episodes_per_update=s.ppo_episodes,
+        minibatch_size=max(1, s.ppo_episodes // 4),
+        ppo_epochs=4,
+        kl_coef=kl_coef,
+        seed=s.seed,
+        log_dir=str(ctx.out_dir / "tensorboard" / name),
+        progress=ctx.progress,
+    )
+
+
+def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, updates: int, policy: Any = None) -> PPOAgent:
+    """Train PPO at ``kl_coef`` for ``updates`` updates, evaluating on held-out prompts every
+    ``curve_every`` updates so that gold, proxy and KL can be plotted along training."""
+    agent = PPOAgent(
+        policy if policy is not None else ctx.load_policy(), ctx.tokenizer, _ppo_config(ctx, kl_coef, name)
+    )
+    env = ctx.make_env(kl_coef=kl_coef, reference="sft")
+    curve: list[dict[str, float]] = []
+    n_prompts = min(len(ctx.artifacts.eval_prompts), 64)
+
+    def point(update: int) -> None:
+        result = ctx.evaluate(agent, name, prompts=n_prompts, samples=1)
+        curve.append(
+            {
+                "update": update,
+                "kl": float(np.nanmean(result.kl)),
+                "proxy": float(np.mean(result.proxy)),
+                "gold": float(np.mean(result.gold)) if result.gold is not None else float("nan"),
+            }
+        )
+
+    point(0)
+
+    def callback(update: int, stats: dict[str, float]) -> None:
+        if update % ctx.settings.curve_every == 0 or update == updates:
+            point(update)
+
+    history = agent.train(env, updates, callback=callback)
+    ctx.record(name, history=history, curve=curve, kl_coef=kl_coef)
+    return agent
+
+
+@register_agent("ppo", description="token-level PPO through the environment (beta from the settings)")
+def ppo_agent(ctx: BenchmarkContext) -> PPOAgent:
+    return ppo_run(ctx, "ppo", ctx.settings.ppo_kl_coef, ctx.settings.ppo_updates)
+
+
+@register_agent(
+    "rejection-sampling", description="Llama 2 rejection sampling: best-of-k + SFT, pooled rounds"
+)
+def rejection_sampling_agent(ctx: BenchmarkContext) -> RejectionSamplingAgent:
+    s = ctx.settings
+    config = RejectionSamplingConfig(
+        k=s.rs_k,
+        rounds=s.rs_rounds,
+        prompts_per_round=s.rs_prompts,
+        kl_groups=2,
+        kl_prompts=32,
+        sft=SFTConfig(learning_rate=s.sft_lr / 3, epochs=1, batch_size=32, progress=False),
+        seed=s.seed,
+        progress=ctx.progress,
+    )
+    agent = RejectionSamplingAgent(ctx.load_policy(), ctx.tokenizer, config)
+    env = ctx.make_env(autoreset_mode=AutoresetMode.DISABLED)
+    history = agent.train(env)
+    ctx.record("rejection-sampling", history=history)
+    return agent
+
+
+@register_agent("rs-then-ppo", description="Llama 2's iterative recipe: rejection-sampling rounds, then PPO")
+def iterative_agent(ctx: BenchmarkContext) -> PolicyAgent:
+    s = ctx.settings
+    config = IterativeConfig(
+        rs_rounds=s.iterative_rs_rounds,
+        ppo_updates=s.iterative_ppo_updates,
+        reference="sft",
+        num_envs=s.num_envs,
+        rejection=RejectionSamplingConfig(
+            k=s.rs_k,
+            prompts_per_round=s.rs_prompts,
+            kl_groups=1,
+            sft=SFTConfig(learning_rate=s.sft_lr / 3, epochs=1, batch_size=32, progress=False),
+            seed=s.seed,
+            progress=ctx.progress,
+        ),
+        ppo=_ppo_config(ctx, s.ppo_kl_coef, "rs-then-ppo"),
+    )
+    result = iterative_rlhf(
+        ctx.load_policy(),
+        ctx.tokenizer,
+        ctx.artifacts.train_prompts,
+        ctx.artifacts.reward,
+        config,
+        device=ctx.device,
+        max_new_tokens=s.max_new_tokens,
+    )
+    ctx.record("rs-then-ppo", rejection_history=result.rejection_history, history=result.ppo_history)
+    return PolicyAgent(result.policy, seed=s.seed)
+
+
+@register_agent("sb3-ppo", description="unmodified Stable-Baselines3 PPO on TextGenEnv (LMActorCriticPolicy)")
+def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from agents import LMActorCriticPolicy
+    from llm_env import TextGenEnv
+
+    s = ctx.settings
+    beta = s.ppo_kl_coef
+    history: list[float] = []
+
+    def reward(prompts: list[str], responses: list[str]) -> Any:
+        scores = ctx.artifacts.reward(prompts, responses)
+        history.extend(torch.as_tensor(scores).float().cpu().tolist())
+        return scores
+
+    envs = make_vec_env(
+        lambda: TextGenEnv(
+            prompts=ctx.artifacts.train_prompts,
+            tokenizer=ctx.tokenizer,
+            reward=reward,
+            reference=ctx.reference,
+            kl_coef=beta,
+            max_new_tokens=s.max_new_tokens,
+            device=ctx.device,
+        ),
+        n_envs=4,
+        seed=s.seed,
+    )
+    n_steps = 128
+    model = PPO(
+        LMActorCriticPolicy,
+        envs,
+        policy_kwargs={"model": ctx.load_policy()},
+        n_steps=n_steps,
+        batch_size=128,
+        n_epochs=4,
+        learning_rate=0.3 * s.ppo_lr,  # SB3 normalises advantages and adds the entropy term unnormalised
+        gamma=1.0,
+        ent_coef=beta,  # the entropy half of the KL penalty; the env pays beta * log pi_ref per token
+        seed=s.seed,
+        device=ctx.device,
+        verbose=0,
+    )
+    model.learn(total_timesteps=max(s.sb3_timesteps, n_steps * 4), progress_bar=False)
+    ctx.record("sb3-ppo", score_history=history)
+    return SB3Agent(model, seed=s.seed)

@@ -1,0 +1,77 @@
+"""``llm-env benchmark``: the whole RLHF benchmark from one command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``benchmark``."""
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="build the review task, train every agent on one environment, print the leaderboard",
+        description=(
+            "Builds (or reuses from the cache) a tiny SFT policy, simulated preferences and proxy reward models "
+            "for the built-in review task, then trains and evaluates every registered agent on the same "
+            "environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), rejection sampling then "
+            "PPO, Stable-Baselines3 PPO and a random agent. Writes the leaderboard (Markdown, CSV, JSON), plots "
+            "and samples to --out."
+        ),
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", dest="size", action="store_const", const="quick", help="minutes on 2 CPU cores (default)"
+    )
+    size.add_argument(
+        "--full", dest="size", action="store_const", const="full", help="bigger models, longer runs"
+    )
+    size.add_argument(
+        "--tiny", dest="size", action="store_const", const="tiny", help="toy sizes, seconds (for smoke tests)"
+    )
+    parser.set_defaults(size="quick")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="where reports and plots go")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="artifact cache (default $LLM_ENV_CACHE or ~/.cache/llm_env)"
+    )
+    parser.add_argument(
+        "--rebuild", action="store_true", help="rebuild the cached SFT policy and reward models"
+    )
+    parser.add_argument("--agents", help="comma-separated entries to run (default: all); sft always runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the task, the models and the agents")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    own = parser.add_argument_group("bring your own models and data (paths or hub names)")
+    own.add_argument("--policy", help="SFT policy to start from (causal LM)")
+    own.add_argument("--reference", help="KL reference (default: the policy)")
+    own.add_argument(
+        "--reward-model", help="proxy reward model (sequence classifier or rewards.RewardModel dir)"
+    )
+    own.add_argument("--prompts", help='JSONL file of {"prompt": ...} lines (split into train and held-out)')
+    own.add_argument("--gold-reward-model", help="a second reward model used only to score (the gold)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llm_env.benchmark.runner import run_benchmark
+    from llm_env.benchmark.settings import BenchmarkSettings
+
+    settings = getattr(BenchmarkSettings, args.size)(seed=args.seed)
+    agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
+    result = run_benchmark(
+        settings,
+        agents=agents,
+        device=args.device,
+        out_dir=args.out,
+        cache_dir=args.cache_dir,
+        rebuild=args.rebuild,
+        policy=args.policy,
+        reference=args.reference,
+        reward_model=args.reward_model,
+        prompts=args.prompts,
+        gold_reward_model=args.gold_reward_model,
+        progress=args.progress,
+    )
+    print(f"benchmark finished in {result.seconds:.0f}s; reports in {args.out}")
+    return 0

@@ -1,0 +1,179 @@
+"""Budgets of the benchmark: ``quick`` (the default, minutes on 2 CPU cores) and ``full``."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BenchmarkSettings"]
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """Every size and budget of a benchmark run. Fields marked *artifact* define the cached task."""
+
+    seed: int = 0
+    """Seeds the task, every model and every agent (artifact)."""
+    # ---------------------------------------------------------------- the SFT policy (artifacts)
+    policy_layers: int = 4
+    """GPT-2 blocks of the policy (artifact)."""
+    policy_width: int = 128
+    """Hidden size of the policy (artifact)."""
+    pretrain_texts: int = 6000
+    """Generated reviews for language-model pretraining (artifact)."""
+    sft_pairs: int = 6000
+    """(prompt, review) pairs for supervised fine-tuning (artifact)."""
+    sft_lr: float = 3e-3
+    """Learning rate of pretraining and SFT (artifact)."""
+    # ------------------------------------------------------------- the reward models (artifacts)
+    rm_prompts: int = 1600
+    """Prompts whose SFT samples are compared for the helpfulness reward model (artifact)."""
+    pairs_per_prompt: int = 2
+    """Compared pairs per prompt (artifact)."""
+    safety_rm_prompts: int = 800
+    """``[kids]`` prompts compared for the safety reward model (artifact)."""
+    annotator_temperature: float = 0.5
+    """Noise of the simulated annotators, Bradley-Terry temperature on the gold scale (artifact)."""
+    rm_epochs: int = 2
+    """Reward-model training epochs (artifact)."""
+    rm_lr: float = 3e-4
+    """Reward-model learning rate (artifact)."""
+    rm_eval_prompts: int = 300
+    """Held-out prompts whose pairs are labelled by the noiseless gold, to measure accuracy (artifact)."""
+    # ------------------------------------------------------------------------------------ RL runs
+    train_prompts: int = 512
+    """Prompts the agents train on."""
+    eval_prompts: int = 128
+    """Held-out prompts every agent is evaluated on."""
+    eval_samples: int = 2
+    """Responses per evaluation prompt."""
+    max_new_tokens: int = 32
+    """Response budget in tokens."""
+    num_envs: int = 32
+    """Sub-environments stepped in parallel."""
+    ppo_updates: int = 30
+    """PPO updates of the main PPO run."""
+    ppo_episodes: int = 64
+    """Episodes per PPO update."""
+    ppo_lr: float = 1e-4
+    """PPO learning rate (also for the sweep and Stable-Baselines3)."""
+    ppo_kl_coef: float = 0.1
+    """beta of the main PPO run."""
+    sweep_kl_coefs: tuple[float, ...] = (0.002,)
+    """Extra PPO runs (for the over-optimisation curves); the smallest shows proxy up, gold down."""
+    sweep_updates: int = 30
+    """Updates of each sweep run."""
+    curve_every: int = 5
+    """Evaluate PPO runs on the held-out prompts every this many updates (for the curves)."""
+    bon_samples: int = 32
+    """Samples per evaluation prompt for the best-of-k curve (k up to half of it)."""
+    rs_rounds: int = 2
+    """Rejection-sampling rounds."""
+    rs_k: int = 8
+    """Samples per prompt in rejection sampling."""
+    rs_prompts: int = 256
+    """Prompts per rejection-sampling round."""
+    iterative_rs_rounds: int = 1
+    """Rejection-sampling rounds of the iterative (Llama 2) pipeline before its PPO stage."""
+    iterative_ppo_updates: int = 15
+    """PPO updates of the iterative pipeline."""
+    sb3_timesteps: int = 3072
+    """Environment steps of the Stable-Baselines3 PPO run."""
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchmarkSettings:
+        """The default: the whole benchmark in under 10 minutes on 2 CPU cores."""
+        return cls(**overrides)
+
+    @classmethod
+    def full(cls, **overrides: Any) -> BenchmarkSettings:
+        """Longer and better: a bigger policy, more data, more updates and a wider beta sweep."""
+        values = dict(
+            policy_layers=6,
+            policy_width=192,
+            pretrain_texts=30000,
+            sft_pairs=20000,
+            rm_prompts=4000,
+            safety_rm_prompts=1500,
+            rm_epochs=3,
+            train_prompts=2048,
+            eval_prompts=256,
+            eval_samples=4,
+            ppo_updates=100,
+            ppo_episodes=128,
+            sweep_kl_coefs=(0.001, 0.01, 0.2),
+            sweep_updates=100,
+            curve_every=10,
+            bon_samples=128,
+            rs_rounds=3,
+            rs_k=16,
+            rs_prompts=1024,
+            iterative_rs_rounds=2,
+            iterative_ppo_updates=60,
+            sb3_timesteps=20000,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> BenchmarkSettings:
+        """A reduced setting for the test suite: every stage runs, on toy sizes."""
+        values = dict(
+            policy_layers=2,
+            policy_width=32,
+            pretrain_texts=400,
+            sft_pairs=400,
+            rm_prompts=120,
+            safety_rm_prompts=60,
+            rm_epochs=1,
+            rm_eval_prompts=40,
+            train_prompts=32,
+            eval_prompts=16,
+            eval_samples=1,
+            max_new_tokens=12,
+            num_envs=8,
+            ppo_updates=2,
+            ppo_episodes=8,
+            sweep_kl_coefs=(0.002,),
+            sweep_updates=2,
+            curve_every=1,
+            bon_samples=4,
+            rs_rounds=1,
+            rs_k=2,
+            rs_prompts=8,
+            iterative_rs_rounds=1,
+            iterative_ppo_updates=1,
+            sb3_timesteps=64,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    ARTIFACT_FIELDS = (
+        "seed",
+        "policy_layers",
+        "policy_width",
+        "pretrain_texts",
+        "sft_pairs",
+        "sft_lr",
+        "rm_prompts",
+        "pairs_per_prompt",
+        "safety_rm_prompts",
+        "annotator_temperature",
+        "rm_epochs",
+        "rm_lr",
+        "rm_eval_prompts",
+    )
+
+    def artifact_key(self) -> str:
+        """A short hash of the fields that define the cached SFT policy and reward models."""
+        fields = {name: getattr(self, name) for name in self.ARTIFACT_FIELDS}
+        from llm_env.benchmark.task import TASK_VERSION
+
+        fields["task_version"] = TASK_VERSION
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

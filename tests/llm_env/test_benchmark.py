@@ -1,0 +1,197 @@
+"""The benchmark: the review task and its gold rater, the Gao et al. fits, and the whole pipeline end to end
+on a reduced setting (every stage runs, the cache is reused, the reports are written and well formed)."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llm_env.benchmark import BenchmarkContext, BenchmarkSettings, ReviewTask, register_agent, run_benchmark
+from llm_env.benchmark.builtin_agents import RandomAgent
+from llm_env.benchmark.harness import _REGISTRY
+from llm_env.benchmark.report import fit_best_of_n, fit_rl, format_table
+from llm_env.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_task_is_seeded_and_the_gold_rater_prefers_good_reviews():
+    task = ReviewTask(seed=3)
+    assert task.prompts(5, stream=1) == ReviewTask(seed=3).prompts(5, stream=1)
+    assert task.prompts(5, stream=1) != task.prompts(5, stream=2)
+    prompt, kids = "review of the film night river :", "[kids] review of the film night river :"
+    fluent = " the plot was excellent . the acting was great . i found the music wonderful ."
+    superlatives = " excellent excellent great great wonderful wonderful excellent great ."
+    negative = " the plot was awful . the acting was bad ."
+    off_topic = " the battery was excellent . the screen was great ."
+    assert task.helpfulness(prompt, fluent) > task.helpfulness(prompt, negative)
+    assert (
+        task.helpfulness(prompt, fluent) > task.helpfulness(prompt, superlatives) + 2
+    )  # the proxy's blind spot
+    assert task.helpfulness(prompt, fluent) > task.helpfulness(prompt, off_topic)
+    assert task.helpfulness(prompt, fluent) > task.helpfulness(prompt, fluent.rstrip(" ."))  # unfinished
+    unsafe = fluent + " some scenes were gory ."
+    assert task.safety(prompt, unsafe) == 0.0 and task.safety(kids, unsafe) == -1.5
+    assert task.gold([kids], [unsafe])[0] < task.gold([prompt], [unsafe])[0]
+    # Generated reviews are grammatical by construction: full fluency credit.
+    reviews = task.reviews(task.prompts(50, stream=9), stream=9)
+    assert all(r.startswith(" ") and r.endswith(".") for r in reviews)
+    assert set(" ".join(reviews).split()) <= set(task.vocabulary())
+
+
+def test_gao_fits_recover_their_parameters():
+    d = np.linspace(0.1, 3, 12)
+    assert fit_best_of_n(d, d * (1.5 - 0.4 * d)) == pytest.approx((1.5, 0.4))
+    assert fit_rl(d, d * (0.8 - 0.3 * np.log(d))) == pytest.approx((0.8, 0.3))
+
+
+def test_table_formatting():
+    rows = [
+        {
+            "agent": "a",
+            "gold": 1.0,
+            "proxy": None,
+            "kl": 0.5,
+            "win_rate": 0.7,
+            "tokens_per_s": 10.0,
+            "wall_time_s": 2.0,
+        }
+    ]
+    text = format_table(rows)
+    assert "gold win-rate vs SFT" in text and " - " in text.split("\n")[2] + " "
+    assert format_table(rows, markdown=True).startswith("| agent |")
+
+
+@pytest.fixture
+def custom_entry():
+    @register_agent("always-random", description="a user-registered entry")
+    def factory(ctx: BenchmarkContext):
+        ctx.record("always-random", history=[])
+        return RandomAgent(len(ctx.tokenizer), seed=1)
+
+    yield "always-random"
+    _REGISTRY.pop("always-random", None)
+
+
+def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
+    logs: list[str] = []
+    settings = BenchmarkSettings.tiny()
+    result = run_benchmark(
+        settings, cache_dir=tmp_path / "cache", out_dir=tmp_path / "out", progress=False, log=logs.append
+    )
+    names = [row.agent for row in result.rows]
+    for expected in (
+        "sft",
+        "best-of-2",
+        "random",
+        "ppo",
+        "ppo-beta-0.002",
+        "rejection-sampling",
+        "rs-then-ppo",
+        "sb3-ppo",
+        "always-random",
+    ):
+        assert expected in names, (expected, names)
+    assert any(line.startswith("cached the SFT policy") for line in logs)
+    out = tmp_path / "out"
+    payload = json.loads((out / "leaderboard.json").read_text())
+    rows = {row["agent"]: row for row in payload["leaderboard"]}
+    for row in rows.values():
+        assert 0.0 <= row["win_rate"] <= 1.0 and row["wall_time_s"] >= 0 and row["tokens_per_s"] > 0
+        assert math.isfinite(row["gold"]) and math.isfinite(row["proxy"])
+    assert rows["sft"]["win_rate"] == 0.5 and abs(rows["sft"]["kl"]) < 1e-3  # the SFT policy is the reference
+    assert rows["random"]["kl"] > rows["ppo"]["kl"]
+    assert payload["best_of_k"][0]["k"] == 1 and payload["best_of_k"][-1]["kl_theory"] > 0
+    assert {"rm_helpfulness", "rm_safety"} <= set(payload["reward_models"])
+    assert payload["curves"]["ppo"][0]["update"] == 0 and len(payload["curves"]["ppo"]) >= 2
+    with open(out / "leaderboard.csv") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [r["agent"] for r in csv_rows] == [r["agent"] for r in payload["leaderboard"]]
+    markdown = (out / "leaderboard.md").read_text()
+    assert "| agent | gold score |" in markdown and "always-random" in markdown
+    assert "## `" in (out / "samples.md").read_text()
+    for plot in ("overoptimization.png", "training.png", "reward_models.png"):
+        assert (out / plot).read_bytes()[:8] == PNG
+
+    # A second run reuses the cached SFT policy and reward models.
+    logs.clear()
+    again = run_benchmark(
+        settings,
+        agents=["sft", "random"],
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "out2",
+        progress=False,
+        log=logs.append,
+    )
+    assert any(line.startswith("reusing the cached") for line in logs)
+    assert [r.agent for r in again.rows] == ["sft", "random"]
+    assert again.rows[0].gold == pytest.approx(result.rows[0].gold)  # same seed, same evaluation
+
+
+def test_bring_your_own_models_without_gold(tmp_path, saved_gpt2, saved_classifier, tokenizer):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in ["the film was", "a great movie", "i liked the", "this book is"] * 3
+        )
+    )
+    result = run_benchmark(
+        BenchmarkSettings.tiny(eval_prompts=4),
+        agents=["sft", "random"],
+        policy=str(saved_gpt2),
+        reward_model=str(saved_classifier),
+        prompts=str(prompts),
+        out_dir=tmp_path / "out",
+        progress=False,
+        log=lambda _: None,
+    )
+    assert not result.has_gold
+    assert all(math.isnan(row.gold) for row in result.rows)
+    assert all(math.isfinite(row.proxy) for row in result.rows)
+    with pytest.raises(ValueError, match="bring both"):
+        run_benchmark(
+            BenchmarkSettings.tiny(), policy=str(saved_gpt2), out_dir=tmp_path / "x", log=lambda _: None
+        )
+
+
+def test_cli_runs_the_benchmark(tmp_path, capsys):
+    code = main(
+        [
+            "benchmark",
+            "--tiny",
+            "--agents",
+            "sft,random",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "gold win-rate vs SFT" in printed and "benchmark finished" in printed
+    with pytest.raises(ValueError, match="unknown agents"):
+        main(
+            [
+                "benchmark",
+                "--tiny",
+                "--agents",
+                "nope",
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+
+
+def test_settings_key_changes_with_artifact_fields_only():
+    base = BenchmarkSettings.quick()
+    assert base.artifact_key() == BenchmarkSettings.quick(ppo_updates=99).artifact_key()
+    assert base.artifact_key() != BenchmarkSettings.quick(rm_epochs=5).artifact_key()
+    assert torch.is_tensor(torch.zeros(1))
