@@ -151,7 +151,9 @@ def collect_episodes(
                 record = {key: completion[key][row] for key in completion if not key.startswith("_")}
                 if not completion.get("_kl", np.zeros(num_envs, dtype=bool))[row]:
                     record["kl"] = float("nan")
-                finished.append((int(row), int(start_step[row]), step, {**record, "_position": int(position[row])}))
+                finished.append(
+                    (int(row), int(start_step[row]), step, {**record, "_position": int(position[row])})
+                )
         if manual:
             active[done_rows] = False
             wanted = min(num_episodes - started, len(done_rows))

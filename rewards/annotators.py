@@ -184,7 +184,9 @@ def simulate_preferences(
                 )
             )
     if dropped:
-        warnings.warn(f"dropped {dropped} simulated pairs whose responses were identical or empty", stacklevel=2)
+        warnings.warn(
+            f"dropped {dropped} simulated pairs whose responses were identical or empty", stacklevel=2
+        )
     return out
 
 
@@ -224,5 +226,7 @@ def simulate_rankings(
         golds = tuple(float(scores[i, first_index[r]]) for r in ranked)
         out.append(Comparison(prompt, tuple(ranked), where=f"simulated prompt {i}", gold=golds))
     if dropped:
-        warnings.warn(f"dropped {dropped} prompts with fewer than two distinct non-empty samples", stacklevel=2)
+        warnings.warn(
+            f"dropped {dropped} prompts with fewer than two distinct non-empty samples", stacklevel=2
+        )
     return out

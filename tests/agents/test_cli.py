@@ -20,8 +20,26 @@ COMMON = ["--num-envs", "4", "--max-new-tokens", "3", "--device", "cpu", "--no-p
 
 def test_ppo_cli_trains_saves_and_resumes(saved_gpt2, saved_classifier, prompt_file, tmp_path, capsys):
     out = tmp_path / "ppo"
-    args = ["ppo", "--policy", str(saved_gpt2), "--prompts", str(prompt_file), "--reward", str(saved_classifier)]
-    args += ["--out", str(out), *COMMON, "--episodes-per-update", "4", "--minibatch-size", "2", "--learning-rate", "1e-3"]
+    args = [
+        "ppo",
+        "--policy",
+        str(saved_gpt2),
+        "--prompts",
+        str(prompt_file),
+        "--reward",
+        str(saved_classifier),
+    ]
+    args += [
+        "--out",
+        str(out),
+        *COMMON,
+        "--episodes-per-update",
+        "4",
+        "--minibatch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+    ]
     assert main([*args, "--updates", "2"]) == 0
     assert "ppo: 2 updates" in capsys.readouterr().out
     assert len(json.loads((out / "history.json").read_text())) == 2
@@ -31,7 +49,9 @@ def test_ppo_cli_trains_saves_and_resumes(saved_gpt2, saved_classifier, prompt_f
     assert len(json.loads((out / "history.json").read_text())) == 1
 
 
-def test_rejection_sampling_cli_reports_the_best_of_k_kl(saved_gpt2, saved_classifier, prompt_file, tmp_path, capsys):
+def test_rejection_sampling_cli_reports_the_best_of_k_kl(
+    saved_gpt2, saved_classifier, prompt_file, tmp_path, capsys
+):
     out = tmp_path / "rs"
     args = ["rejection-sampling", "--policy", str(saved_gpt2), "--prompts", str(prompt_file)]
     args += ["--reward", str(saved_classifier), "--out", str(out), *COMMON, "--k", "3", "--kl-groups", "2"]
@@ -42,7 +62,15 @@ def test_rejection_sampling_cli_reports_the_best_of_k_kl(saved_gpt2, saved_class
 
 
 def test_cli_rejects_bad_config_values(saved_gpt2, saved_classifier, prompt_file, tmp_path):
-    args = ["ppo", "--policy", str(saved_gpt2), "--prompts", str(prompt_file), "--reward", str(saved_classifier)]
+    args = [
+        "ppo",
+        "--policy",
+        str(saved_gpt2),
+        "--prompts",
+        str(prompt_file),
+        "--reward",
+        str(saved_classifier),
+    ]
     with pytest.raises(ValueError, match="must divide episodes_per_update"):
         main([*args, "--out", str(tmp_path), "--episodes-per-update", "6", "--minibatch-size", "4"])
     with pytest.raises(SystemExit):

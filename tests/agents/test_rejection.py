@@ -45,7 +45,10 @@ def test_a_round_raises_the_score_above_the_starting_policy(
     assert stats["pool_size"] == len(task_prompts)
     for item in agent.pool:  # every kept response answers its own prompt
         assert item["prompt"] == task_prompts[item["prompt_index"]]
-        text = tokenizer.decode(env.prompt_token_ids(item["prompt_index"]).tolist() + item["response_ids"], skip_special_tokens=True)
+        text = tokenizer.decode(
+            env.prompt_token_ids(item["prompt_index"]).tolist() + item["response_ids"],
+            skip_special_tokens=True,
+        )
         assert text.endswith(item["response"]) and item["score"] == task_reward([""], [item["response"]])[0]
     assert stats["kl_best_of_k_theory"] == pytest.approx(math.log(8) - 7 / 8)
     assert "kl_best_of_k_measured" in stats and "kl_to_reference" in stats

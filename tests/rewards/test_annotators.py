@@ -85,7 +85,9 @@ def test_identical_samples_are_dropped_with_a_warning():
 def test_empty_samples_are_dropped_with_a_warning():
     """A policy may emit EOS at once; an empty response cannot be a labelled comparison."""
     with pytest.warns(UserWarning, match="dropped 1 simulated pairs"):
-        pairs = simulate_preferences(["p"], fixed_policy(["", " a", " b", " c d"]), length_gold, pairs_per_prompt=2)
+        pairs = simulate_preferences(
+            ["p"], fixed_policy(["", " a", " b", " c d"]), length_gold, pairs_per_prompt=2
+        )
     assert len(pairs) == 1 and set(pairs[0].responses) == {" b", " c d"}
     with pytest.warns(UserWarning, match="fewer than two distinct non-empty"):
         assert simulate_rankings(["p"], fixed_policy(["", " ", " a"]), length_gold, k=3) == []
