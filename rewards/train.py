@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_env.reward import check_scores
+from llm_env.training import make_optimizer, make_scheduler
 from rewards.data import Comparison, PreferenceSource, load_preferences, split_by_prompt
 from rewards.losses import LEVELS, MARGIN_TABLES, comparison_loss, ranking_pairs
 from rewards.model import RewardModel, ScoreStats, load_reward_model
@@ -33,7 +34,6 @@ __all__ = [
     "RewardTrainingConfig",
     "TrainResult",
     "collate_comparisons",
-    "cosine_schedule",
     "evaluate_reward_model",
     "train_reward_model",
 ]
@@ -217,18 +217,6 @@ def batch_loss(rm: RewardModel, batch: ComparisonBatch, center_coef: float = 0.0
         batch.margin.to(device),
         center_coef=center_coef,
     )
-
-
-def cosine_schedule(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Learning-rate multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
-
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return multiplier
 
 
 def _pairs_of(comparisons: Sequence[Comparison]) -> tuple[list[int], list[int], list[str]]:
@@ -442,12 +430,14 @@ def _optimizer(
     params: list[nn.Parameter], config: RewardTrainingConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with Llama 2's schedule: warmup over 3% of the steps (at least 5), cosine decay to 10%."""
-    optimizer = torch.optim.AdamW(
+    optimizer = make_optimizer(
         params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
     )
     warmup = min(total_steps, max(config.min_warmup_steps, math.ceil(config.warmup_ratio * total_steps)))
-    schedule = cosine_schedule(total_steps, warmup, config.min_lr_ratio)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = make_scheduler(
+        optimizer, "cosine", total_steps=total_steps, warmup_steps=warmup, min_ratio=config.min_lr_ratio
+    )
+    return optimizer, scheduler
 
 
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:

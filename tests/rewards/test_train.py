@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llm_env.tiny import tiny_gpt2, tiny_llama
+from llm_env.training import make_scheduler
 from rewards import (
     LEVELS,
     Comparison,
@@ -20,7 +21,7 @@ from rewards import (
     simulate_rankings,
     train_reward_model,
 )
-from rewards.train import batch_loss, collate_comparisons, cosine_schedule
+from rewards.train import batch_loss, collate_comparisons
 
 
 def test_reward_model_learns_a_gold_rule_from_noisy_simulated_preferences(task):
@@ -139,11 +140,18 @@ def test_batch_loss_matches_the_losses_on_the_model_scores(tokenizer):
 
 
 def test_cosine_schedule_by_hand():
-    f = cosine_schedule(total_steps=10, warmup_steps=2, min_ratio=0.1)
-    assert [f(0), f(1)] == [0.5, 1.0]  # linear warmup
-    assert f(2) == pytest.approx(1.0)
-    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way: 0.55
-    assert f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    """The reward models' schedule (llm_env.training.make_scheduler): warmup, then cosine down to 10%."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2.0)
+    scheduler = make_scheduler(optimizer, "cosine", total_steps=10, warmup_steps=2, min_ratio=0.1)
+    lrs = []
+    for _ in range(12):
+        lrs.append(optimizer.param_groups[0]["lr"] / 2.0)
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:2] == [0.5, 1.0]  # linear warmup
+    assert lrs[2] == pytest.approx(1.0)
+    assert lrs[6] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # half way: 0.55
+    assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
 
 
 def test_evaluation_per_level_by_hand(tokenizer):
