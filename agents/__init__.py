@@ -12,7 +12,7 @@
 from agents.kl import AdaptiveKLController, FixedKLController
 from agents.losses import explained_variance, gae, masked_mean, masked_whiten, policy_loss, value_loss
 from agents.pipeline import IterativeConfig, IterativeResult, iterative_rlhf
-from agents.policy import SequenceBatch, TokenSampler, ValueHead, add_lora, response_forward
+from agents.policy import SequenceBatch, TokenSampler, ValueHead, add_lora, response_forward, sample_tokens
 from agents.ppo import PPOAgent, PPOConfig
 from agents.rejection import (
     RejectionSamplingAgent,
@@ -54,6 +54,7 @@ __all__ = [
     "masked_whiten",
     "policy_loss",
     "response_forward",
+    "sample_tokens",
     "sft_loss",
     "sft_train",
     "tokenize_pairs",

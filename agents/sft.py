@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from agents.losses import masked_mean
-from agents.optim import make_optimizer, make_scheduler, trainable_parameters
 from agents.policy import SequenceBatch, add_lora, response_forward
 from llm_env.models import model_device, pad_token_id
 from llm_env.prompts import read_jsonl
+from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
 
 __all__ = ["SFTConfig", "load_sft_data", "sft_loss", "sft_train", "tokenize_pairs"]
 

@@ -15,7 +15,7 @@ import gymnasium
 
 from llm_env.config import AdapterDisabled, EnvConfig
 from llm_env.core import EpisodeBatch, TokenActions, kl_penalty
-from llm_env.decoding import IncrementalLM, SlotCache
+from llm_env.decoding import FusedDecoder, IncrementalLM, SlotCache
 from llm_env.envs import TextGenEnv, TextGenVectorEnv
 from llm_env.prompts import load_prompts
 from llm_env.reward import SequenceClassifierReward
@@ -24,6 +24,7 @@ __all__ = [
     "AdapterDisabled",
     "EnvConfig",
     "EpisodeBatch",
+    "FusedDecoder",
     "IncrementalLM",
     "SequenceClassifierReward",
     "SlotCache",

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Sequence
 
 # "module" whose add_parser(subparsers) registers one or more subcommands.
-_COMMANDS: tuple[str, ...] = ("llm_env.benchmark.cli", "rewards.cli", "agents.cli")
+_COMMANDS: tuple[str, ...] = ("llm_env.benchmark.cli", "rewards.cli", "agents.cli", "llm_env.throughput")
 
 
 def build_parser() -> argparse.ArgumentParser:

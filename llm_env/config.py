@@ -26,13 +26,25 @@ class AdapterDisabled:
     With LoRA the frozen SFT model is exactly the base model under the adapter, so the environment runs
     the policy's own weights inside ``model.disable_adapter()`` instead of holding a second copy
     (Llama 2 and TRL's PPO did the same). Memory: one set of base weights for policy and reference.
+
+    ``fuse=True`` (LoRA adapters only) also saves the policy's decode: the environment decodes 2B rows in
+    one forward pass, B with the adapter (the policy) and B without (the reference), keeps the reference
+    half for the KL reward and exposes the policy half's next-token logits to an agent acting with the
+    same model (:class:`agents.TokenSampler`, :class:`agents.PPOAgent`), which then samples from them
+    instead of running its own KV cache; see :class:`llm_env.decoding.FusedDecoder`. The environment
+    still computes the reference log-probabilities itself, and tokens, log-probabilities and rewards are
+    those of the unfused environment up to float rounding. Other agents are unaffected (they decode
+    themselves; the policy half is then computed for nothing).
     """
 
     model: nn.Module
+    fuse: bool = False
 
     def __post_init__(self) -> None:
         if not callable(getattr(self.model, "disable_adapter", None)):
             raise TypeError("AdapterDisabled needs a peft model (with a disable_adapter() context manager)")
+        if self.fuse and not isinstance(getattr(self.model, "active_adapter", None), str):
+            raise ValueError("AdapterDisabled(fuse=True) needs a peft model with exactly one active adapter")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,11 @@ class EnvConfig:
     """dtype for models loaded from a path (``"bfloat16"`` on GPUs); ``None`` keeps the checkpoint's."""
     trust_remote_code: bool = False
     """Allow custom modelling code from model repositories. Off unless you trust the repository."""
+    cuda_graphs: bool = False
+    """Replay the reference's decode step (and a fused policy's) as a CUDA graph: one launch per step
+    instead of hundreds, for small models whose eager decode is bound by kernel launches. CUDA only;
+    falls back to eager decoding with a warning if the model cannot be captured (see
+    :class:`llm_env.IncrementalLM`)."""
 
     def __post_init__(self) -> None:
         if self.kl_coef is None:

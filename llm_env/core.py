@@ -30,7 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llm_env.config import AdapterDisabled, EnvConfig
-from llm_env.decoding import IncrementalLM, left_pad
+from llm_env.decoding import FusedDecoder, IncrementalLM, host_to_device, left_pad
 from llm_env.models import (
     load_causal_lm,
     load_tokenizer,
@@ -106,8 +106,10 @@ class EpisodeBatch:
         self.pad_id = pad_token_id(self.tokenizer)
 
         context = None
+        fuse = False
         if isinstance(reference, AdapterDisabled):
             context = reference.model.disable_adapter
+            fuse = reference.fuse
             reference = reference.model
         if reference is not None:
             reference = load_causal_lm(
@@ -178,7 +180,13 @@ class EpisodeBatch:
         self._length = torch.zeros(B, dtype=torch.long, device=self.device)
         self._columns = torch.arange(L, device=self.device)
         self._rows = torch.arange(B, device=self.device)
-        self.lm = IncrementalLM(reference, B, L, context=context) if reference is not None else None
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs device='cuda', not {self.device}")
+        self.lm: IncrementalLM | FusedDecoder | None = None
+        if reference is not None and fuse:
+            self.lm = FusedDecoder(reference, B, L, cuda_graph=config.cuda_graphs)
+        elif reference is not None:
+            self.lm = IncrementalLM(reference, B, L, context=context, cuda_graph=config.cuda_graphs)
         self.ref_logprobs: torch.Tensor | None = None  # (B, V) log pi_ref(. | s_t) of the current states
         self.ready = np.zeros(B, dtype=bool)
 
@@ -198,14 +206,14 @@ class EpisodeBatch:
         self.host_tokens[rows] = self.pad_id
         for row, ids in zip(rows, prompt_ids):
             self.host_tokens[row, : len(ids)] = ids
-        rows_t = torch.from_numpy(rows).to(self.device)
-        self.tokens[rows_t] = torch.from_numpy(self.host_tokens[rows]).to(self.device)
+        rows_t = host_to_device(rows, self.device)
+        self.tokens[rows_t] = host_to_device(self.host_tokens[rows], self.device)
         lengths = np.fromiter((len(ids) for ids in prompt_ids), dtype=np.int64, count=len(prompt_ids))
         self.prompt_len[rows] = lengths
         self.response_len[rows] = 0
         self.prompt_index[rows] = indices
         self.has_logprobs[rows] = True
-        self._length[rows_t] = torch.from_numpy(lengths).to(self.device)
+        self._length[rows_t] = host_to_device(lengths, self.device)
         self.kl_sum[rows_t] = 0.0
         self.return_sum[rows_t] = 0.0
         self.ready[rows] = True
@@ -222,6 +230,8 @@ class EpisodeBatch:
         """``input_ids`` and ``attention_mask``, (B, L) int64 on the device (fresh tensors)."""
         input_ids = self.tokens[:, : self.max_length].clone()
         attention_mask = (self._columns[None, :] < self._length[:, None]).long()
+        if isinstance(self.lm, FusedDecoder):
+            self.lm.mark_observation(input_ids)  # the fused policy logits describe this observation
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def host_observation(self, row: int) -> dict[str, np.ndarray]:
@@ -266,7 +276,7 @@ class EpisodeBatch:
         B = self.num_envs
         if not self.ready[stepping].all():
             raise RuntimeError("step() called before reset(): reset the environment first")
-        step_mask = torch.from_numpy(stepping).to(self.device)
+        step_mask = host_to_device(stepping, self.device)
         inside = (tokens >= 0) & (tokens < self.vocab_size)
         safe = torch.where(step_mask & inside, tokens, torch.full_like(tokens, self.pad_id))
         checks = [safe, (~inside & step_mask).long(), torch.isin(safe, self.stop_token_ids).long()]
@@ -323,7 +333,7 @@ class EpisodeBatch:
         # Commit.
         step_rows = np.flatnonzero(stepping)
         self.host_tokens[step_rows, positions[step_rows]] = host_tokens[step_rows]
-        columns = torch.from_numpy(np.where(stepping, positions, self.max_length)).to(self.device)
+        columns = host_to_device(np.where(stepping, positions, self.max_length), self.device)
         self.tokens[self._rows, columns] = safe
         self.response_len = response_len
         self._length += step_mask
@@ -333,10 +343,10 @@ class EpisodeBatch:
             self.has_logprobs &= ~stepping
         completions: dict[str, np.ndarray] = {}
         if finished.size:
-            finished_t = torch.from_numpy(finished).to(self.device)
+            finished_t = host_to_device(finished, self.device)
             final = scores.clone()
             if self.config.missing_eos_penalty is not None:
-                final -= torch.from_numpy(truncated[finished].astype(np.float32)).to(self.device) * float(
+                final -= host_to_device(truncated[finished].astype(np.float32), self.device) * float(
                     self.config.missing_eos_penalty
                 )
             reward = reward.index_add(0, finished_t, final)

@@ -16,6 +16,7 @@ from gymnasium.vector.utils import batch_space
 
 from llm_env.config import EnvConfig
 from llm_env.core import EpisodeBatch, StepResult, TokenActions
+from llm_env.decoding import host_to_device
 from llm_env.prompts import PromptSampler, validate_indices
 
 __all__ = ["TextGenEnv", "TextGenVectorEnv"]
@@ -491,8 +492,8 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         return (
             self.batch.observation(),
             result.reward,
-            torch.from_numpy(self._terminated.copy()).to(self.device),
-            torch.from_numpy(self._truncated.copy()).to(self.device),
+            host_to_device(self._terminated.copy(), self.device),
+            host_to_device(self._truncated.copy(), self.device),
             info,
         )
 

@@ -28,7 +28,7 @@ import numpy as np
 __all__ = ["KIDS_TAG", "TASK_VERSION", "ReviewTask"]
 
 KIDS_TAG = "[kids]"
-TASK_VERSION = 2
+TASK_VERSION = 3
 """Bumped whenever the generator or the gold rater changes, so cached artifacts are rebuilt."""
 
 TOPICS: dict[str, tuple[str, ...]] = {

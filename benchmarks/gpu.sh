@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU configurations of the throughput targets, one command: bash benchmarks/gpu.sh
+# Writes one JSON report (and its Markdown table) per configuration to benchmarks/results/ (or $OUT) and
+# checks the targets at the end. Needs one CUDA GPU with ~40 GB free (the Llama ~1B run keeps every
+# variant's models resident so that their runs can be interleaved).
+set -euo pipefail
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+common=(--device cuda --dtype bfloat16 --prompt-length 64 --new-tokens 128 --repeats 5 --warmup 2 --threads none)
+rollouts=(generate monolithic monolithic-greedy env monolithic-lora env-lora env-fused env-graphs env-fused-graphs no-cache)
+
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+
+# GPT-2 124M shape, batch 64 and 256: c/b >= 1, c/d >= 10; LoRA memory and PPO update throughput.
+llm-env bench-throughput --shape gpt2-124m --batch-size 64 "${common[@]}" \
+    --variants "${rollouts[@]}" ppo-update lora-memory \
+    --json "$out/gpu-gpt2-124m-b64.json" | tee "$out/gpu-gpt2-124m-b64.md"
+llm-env bench-throughput --shape gpt2-124m --batch-size 256 "${common[@]}" --variants "${rollouts[@]}" \
+    --json "$out/gpu-gpt2-124m-b256.json" | tee "$out/gpu-gpt2-124m-b256.md"
+
+# Llama ~1B shape, batch 64, bf16.
+llm-env bench-throughput --shape llama-1b --batch-size 64 "${common[@]}" \
+    --variants "${rollouts[@]}" ppo-update lora-memory \
+    --json "$out/gpu-llama-1b-b64.json" | tee "$out/gpu-llama-1b-b64.md"
+
+python benchmarks/check_targets.py "$out"/gpu-*.json
