@@ -12,7 +12,16 @@
 from agents.kl import AdaptiveKLController, FixedKLController
 from agents.losses import explained_variance, gae, masked_mean, masked_whiten, policy_loss, value_loss
 from agents.pipeline import IterativeConfig, IterativeResult, iterative_rlhf
-from agents.policy import SequenceBatch, TokenSampler, ValueHead, add_lora, response_forward, sample_tokens
+from agents.policy import (
+    PolicyAgent,
+    SequenceBatch,
+    TokenSampler,
+    ValueHead,
+    add_lora,
+    response_forward,
+    sample_tokens,
+    save_policy,
+)
 from agents.ppo import PPOAgent, PPOConfig
 from agents.rejection import (
     RejectionSamplingAgent,
@@ -35,6 +44,7 @@ __all__ = [
     "LearningAgent",
     "PPOAgent",
     "PPOConfig",
+    "PolicyAgent",
     "RejectionSamplingAgent",
     "RejectionSamplingConfig",
     "SFTConfig",
@@ -55,6 +65,7 @@ __all__ = [
     "policy_loss",
     "response_forward",
     "sample_tokens",
+    "save_policy",
     "sft_loss",
     "sft_train",
     "tokenize_pairs",

@@ -25,6 +25,7 @@ from llm_env.decoding import fused_decoder_for, host_to_device, left_pad
 from llm_env.models import model_device, unwrap_model
 
 __all__ = [
+    "PolicyAgent",
     "SequenceBatch",
     "TokenSampler",
     "ValueHead",
@@ -32,6 +33,7 @@ __all__ = [
     "hidden_size",
     "response_forward",
     "sample_tokens",
+    "save_policy",
 ]
 
 
@@ -191,6 +193,64 @@ class TokenSampler:
             tokens = sample_tokens(logprobs, self.generator)
         self._last = tokens
         return TokenActions(tokens, logprobs.gather(1, tokens[:, None]).squeeze(1))
+
+
+class PolicyAgent:
+    """An agent that samples from a causal LM with its KV cache: the acting half of PPO and rejection
+    sampling, and on its own the way to run any policy (an SFT model, a trained one) in the environment.
+
+    The :class:`TokenSampler` is built on the first observation and rebuilt when the observation shape
+    (number of sub-environments, length) or the model changes.
+
+    Args:
+        model: the causal LM (or peft model) to sample from.
+        temperature: sampling temperature.
+        generator: torch random generator on the model's device (default: a new one seeded with ``seed``).
+        seed: seed of the default generator.
+        cuda_graph: replay the sampler's decode step as a CUDA graph (CUDA only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        seed: int = 0,
+        cuda_graph: bool = False,
+    ) -> None:
+        self.model = model
+        self.temperature = temperature
+        self.cuda_graph = cuda_graph
+        self.generator = generator or torch.Generator(device=model_device(model)).manual_seed(seed)
+        self._sampler: TokenSampler | None = None
+        self._key: tuple[Any, ...] | None = None
+
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
+        """Sample the next tokens; report their log-probabilities under the tempered policy."""
+        key = (*obs["input_ids"].shape, id(self.model))
+        if self._sampler is None or self._key != key:
+            batch, length = obs["input_ids"].shape
+            self._sampler = TokenSampler(
+                self.model,
+                batch,
+                length,
+                temperature=self.temperature,
+                generator=self.generator,
+                cuda_graph=self.cuda_graph,
+            )
+            self._key = key
+        return self._sampler.act(obs, restarted)
+
+
+def save_policy(model: nn.Module, tokenizer: Any, path: Any) -> None:
+    """Save a policy as a plain transformers checkpoint (LoRA adapters merged into a copy) with its tokenizer."""
+    import copy
+
+    if hasattr(model, "merge_and_unload"):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 @dataclass

@@ -32,7 +32,15 @@ from transformers import PreTrainedTokenizerBase
 from agents.checkpoint import load_training_state, save_training_state
 from agents.kl import AdaptiveKLController, FixedKLController
 from agents.losses import explained_variance, gae, masked_mean, masked_whiten, policy_loss, value_loss
-from agents.policy import SequenceBatch, TokenSampler, ValueHead, add_lora, hidden_size, response_forward
+from agents.policy import (
+    PolicyAgent,
+    SequenceBatch,
+    ValueHead,
+    add_lora,
+    hidden_size,
+    response_forward,
+    save_policy,
+)
 from agents.rollout import Trajectories, collect_episodes
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
 from llm_env.models import load_causal_lm, load_tokenizer, model_device, pad_token_id, resolve_device
@@ -232,9 +240,13 @@ class PPOAgent:
                 raise ValueError("ptx_texts must contain texts of at least two tokens")
         self.update = 0
         self.pad_id = pad_token_id(self.tokenizer)
-        self._sampler: TokenSampler | None = None
-        self._sampler_shape: tuple[int, int] | None = None
         self._generator = torch.Generator(device=device).manual_seed(config.seed)
+        self._actor = PolicyAgent(
+            self.policy,
+            temperature=config.temperature,
+            generator=self._generator,
+            cuda_graph=config.cuda_graphs,
+        )
 
     # ------------------------------------------------------------------------------------- wiring
     @property
@@ -262,18 +274,7 @@ class PPOAgent:
     # -------------------------------------------------------------------------------------- acting
     def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
         """Sample the next tokens with the policy's KV cache; report their log-probabilities."""
-        shape = tuple(obs["input_ids"].shape)
-        if self._sampler is None or self._sampler_shape != shape:
-            self._sampler = TokenSampler(
-                self.policy,
-                shape[0],
-                shape[1],
-                temperature=self.config.temperature,
-                generator=self._generator,
-                cuda_graph=self.config.cuda_graphs,
-            )
-            self._sampler_shape = shape
-        return self._sampler.act(obs, restarted)
+        return self._actor.act(obs, restarted)
 
     # ------------------------------------------------------------------------------------ learning
     def _ptx_batch(self, step: int) -> SequenceBatch:
@@ -479,11 +480,7 @@ class PPOAgent:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
-        model = self.policy
-        if hasattr(model, "merge_and_unload"):
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        save_policy(self.policy, self.tokenizer, path)
 
 
 def _append(stats: dict[str, list[float]], key: str, value: Any) -> None:

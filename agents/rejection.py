@@ -14,7 +14,6 @@ next to the theory.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from agents.checkpoint import load_training_state, save_training_state
-from agents.policy import TokenSampler, add_lora
+from agents.policy import PolicyAgent, add_lora, save_policy
 from agents.rollout import collect_episodes
 from agents.sft import SFTConfig, sft_train
 from llm_env import TextGenVectorEnv, TokenActions
@@ -162,8 +161,7 @@ class RejectionSamplingAgent:
         self.pool: list[dict[str, Any]] = []
         self.round = 0
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self._sampler: TokenSampler | None = None
-        self._shape: tuple[int, int] | None = None
+        self._actor = PolicyAgent(self.policy, temperature=config.temperature, generator=self._generator)
 
     def make_env(
         self, prompts: Any, reward: Any, *, num_envs: int = 16, **env_kwargs: Any
@@ -182,17 +180,8 @@ class RejectionSamplingAgent:
 
     def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
         """Sample with the policy's KV cache at the configured temperature."""
-        shape = tuple(obs["input_ids"].shape)
-        if self._sampler is None or self._shape != shape:
-            self._sampler = TokenSampler(
-                self.policy,
-                shape[0],
-                shape[1],
-                temperature=self.config.temperature,
-                generator=self._generator,
-            )
-            self._shape = shape
-        return self._sampler.act(obs, restarted)
+        self._actor.model = self.policy  # fine-tuning may have returned a new module
+        return self._actor.act(obs, restarted)
 
     def sample(self, env: TextGenVectorEnv, prompt_indices: np.ndarray, k: int, *, seed: int) -> Any:
         """k responses for each prompt (episodes ordered prompt by prompt)."""
@@ -302,8 +291,4 @@ class RejectionSamplingAgent:
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
-        model = self.policy
-        if hasattr(model, "merge_and_unload"):
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        save_policy(self.policy, self.tokenizer, path)

@@ -18,31 +18,13 @@ from agents import (
     RejectionSamplingAgent,
     RejectionSamplingConfig,
     SFTConfig,
-    TokenSampler,
     iterative_rlhf,
 )
+from agents.policy import PolicyAgent
 from llm_env import TokenActions
 from llm_env.benchmark.harness import BenchmarkContext, register_agent
 
-__all__ = ["PolicyAgent", "RandomAgent", "SB3Agent", "ppo_run"]
-
-
-class PolicyAgent:
-    """Samples from a causal LM with its KV cache (temperature 1): the SFT baseline, and the policies
-    that other pipelines return."""
-
-    def __init__(self, model: torch.nn.Module, seed: int = 0) -> None:
-        self.model = model.eval()
-        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        self._sampler: TokenSampler | None = None
-        self._shape: tuple[int, ...] | None = None
-
-    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
-        shape = tuple(obs["input_ids"].shape)
-        if self._sampler is None or shape != self._shape:
-            self._sampler = TokenSampler(self.model, shape[0], shape[1], generator=self.generator)
-            self._shape = shape
-        return self._sampler.act(obs, restarted)
+__all__ = ["PolicyAgent", "RandomAgent", "SB3Agent", "ppo_run"]  # PolicyAgent re-exported from agents
 
 
 class RandomAgent:
@@ -76,7 +58,7 @@ class SB3Agent:
 
 @register_agent("sft", description="the SFT policy, sampled at temperature 1 (the baseline)")
 def sft_agent(ctx: BenchmarkContext) -> PolicyAgent:
-    return PolicyAgent(ctx.load_policy(), seed=ctx.settings.seed)
+    return PolicyAgent(ctx.load_policy().eval(), seed=ctx.settings.seed)
 
 
 @register_agent("random", description="uniformly random tokens")
@@ -185,7 +167,7 @@ def iterative_agent(ctx: BenchmarkContext) -> PolicyAgent:
         max_new_tokens=s.max_new_tokens,
     )
     ctx.record("rs-then-ppo", rejection_history=result.rejection_history, history=result.ppo_history)
-    return PolicyAgent(result.policy, seed=s.seed)
+    return PolicyAgent(result.policy.eval(), seed=s.seed)
 
 
 @register_agent("sb3-ppo", description="unmodified Stable-Baselines3 PPO on TextGenEnv (LMActorCriticPolicy)")

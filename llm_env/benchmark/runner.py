@@ -193,7 +193,7 @@ def run_benchmark(
     curve: list[dict[str, float]] = []
     if "best-of-k" in selected:
         tick = time.perf_counter()
-        sampler = PolicyAgent(ctx.load_policy(), seed=settings.seed + 1)
+        sampler = PolicyAgent(ctx.load_policy().eval(), seed=settings.seed + 1)
         samples = ctx.evaluate(sampler, "best-of-k", samples=settings.bon_samples, with_kl=False)
         ks = [2**i for i in range(0, 12) if 2**i <= settings.bon_samples // 2]
         curve, bon_rows = best_of_k_curve(samples, ks, baseline)
