@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from llm_env import IncrementalLM, TokenActions
 from llm_env.decoding import fused_decoder_for, host_to_device, left_pad
-from llm_env.models import model_device, unwrap_model
+from llm_env.models import load_causal_lm, load_tokenizer, model_device, resolve_device, unwrap_model
 
 __all__ = [
     "PolicyAgent",
@@ -31,6 +33,7 @@ __all__ = [
     "ValueHead",
     "add_lora",
     "hidden_size",
+    "load_policy",
     "response_forward",
     "sample_tokens",
     "save_policy",
@@ -241,6 +244,29 @@ class PolicyAgent:
             )
             self._key = key
         return self._sampler.act(obs, restarted)
+
+
+def load_policy(
+    policy: nn.Module | str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None,
+    device: torch.device | str | None,
+) -> tuple[nn.Module, PreTrainedTokenizerBase, torch.device]:
+    """The policy model, its tokenizer and the device the agents train on.
+
+    The tokenizer defaults to the policy's path; the device to the model object's (or CUDA when available
+    for a path).
+    """
+    if tokenizer is None:
+        if not isinstance(policy, (str, os.PathLike)):
+            raise ValueError("pass tokenizer=... (it can only be inferred when policy is a path)")
+        tokenizer = policy
+    if device is None and isinstance(policy, nn.Module):
+        device = model_device(policy)
+    device = resolve_device(device)
+    model = load_causal_lm(policy, device=device)
+    if model_device(model) != device:
+        model = model.to(device)
+    return model, load_tokenizer(tokenizer), device
 
 
 def save_policy(model: nn.Module, tokenizer: Any, path: Any) -> None:

@@ -38,12 +38,13 @@ from agents.policy import (
     ValueHead,
     add_lora,
     hidden_size,
+    load_policy,
     response_forward,
     save_policy,
 )
 from agents.rollout import Trajectories, collect_episodes
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
-from llm_env.models import load_causal_lm, load_tokenizer, model_device, pad_token_id, resolve_device
+from llm_env.models import pad_token_id
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
 
 __all__ = ["PPOAgent", "PPOConfig"]
@@ -189,17 +190,7 @@ class PPOAgent:
         device: torch.device | str | None = None,
     ) -> None:
         self.config = config = config or PPOConfig()
-        if tokenizer is None:
-            if not isinstance(policy, (str, os.PathLike)):
-                raise ValueError("pass tokenizer=... (it can only be inferred when policy is a path)")
-            tokenizer = policy
-        self.tokenizer = load_tokenizer(tokenizer)
-        if device is None and isinstance(policy, nn.Module):
-            device = model_device(policy)
-        device = resolve_device(device)
-        model = load_causal_lm(policy, device=device)
-        if model_device(model) != device:
-            model = model.to(device)
+        model, self.tokenizer, device = load_policy(policy, tokenizer, device)
         if config.lora_rank:  # peft freezes the base weights; only the adapters train
             model = add_lora(
                 model,

@@ -31,11 +31,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from agents.checkpoint import load_training_state, save_training_state
-from agents.policy import PolicyAgent, add_lora, save_policy
+from agents.policy import PolicyAgent, add_lora, load_policy, save_policy
 from agents.rollout import collect_episodes
 from agents.sft import SFTConfig, sft_train
 from llm_env import TextGenVectorEnv, TokenActions
-from llm_env.models import load_causal_lm, load_tokenizer, model_device, resolve_device
 
 __all__ = ["RejectionSamplingAgent", "RejectionSamplingConfig", "best_of_k_kl", "best_of_k_kl_theory"]
 
@@ -146,15 +145,7 @@ class RejectionSamplingAgent:
         device: torch.device | str | None = None,
     ) -> None:
         self.config = config = config or RejectionSamplingConfig()
-        if tokenizer is None:
-            if not isinstance(policy, (str, os.PathLike)):
-                raise ValueError("pass tokenizer=... (it can only be inferred when policy is a path)")
-            tokenizer = policy
-        self.tokenizer = load_tokenizer(tokenizer)
-        if device is None and isinstance(policy, nn.Module):
-            device = model_device(policy)
-        self.device = resolve_device(device)
-        model = load_causal_lm(policy, device=self.device)
+        model, self.tokenizer, self.device = load_policy(policy, tokenizer, device)
         if config.lora_rank:
             model = add_lora(model, rank=config.lora_rank)
         self.policy = model
