@@ -246,19 +246,22 @@ class EpisodeBatch:
         prompts, responses = self._texts(np.array([row]))
         return prompts[0], responses[0]
 
-    def _texts(self, rows: np.ndarray) -> tuple[list[str], list[str]]:
+    def _texts(self, rows: np.ndarray, next_tokens: np.ndarray | None = None) -> tuple[list[str], list[str]]:
+        """(prompts, responses) of ``rows``; ``next_tokens`` (one per row) is appended to the responses
+        first, so a step can score its finished episodes before committing anything."""
         prompts = [self.prompts[int(self.prompt_index[r])] for r in rows]
         prompt_ids = [self.host_tokens[r, : self.prompt_len[r]] for r in rows]
         full_ids = [self.host_tokens[r, : self.prompt_len[r] + self.response_len[r]] for r in rows]
+        if next_tokens is not None:
+            full_ids = [np.append(ids, token) for ids, token in zip(full_ids, next_tokens)]
         heads = self.tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
         fulls = self.tokenizer.batch_decode(full_ids, skip_special_tokens=True)
         responses = []
-        for r, head, full in zip(rows, heads, fulls):
+        for r, head, full, ids in zip(rows, heads, fulls, full_ids):
             if full.startswith(head):
                 responses.append(full[len(head) :])
             else:  # tokenizers whose decoding is not prefix-stable
-                ids = self.host_tokens[r, self.prompt_len[r] : self.prompt_len[r] + self.response_len[r]]
-                responses.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+                responses.append(self.tokenizer.decode(ids[self.prompt_len[r] :], skip_special_tokens=True))
         return prompts, responses
 
     # ------------------------------------------------------------------------------------------- step
@@ -318,19 +321,12 @@ class EpisodeBatch:
         finished = np.flatnonzero(done)
 
         # Score the finished responses before committing anything (the reward source may raise).
-        positions = self.prompt_len + self.response_len
-        saved = self.host_tokens[finished, positions[finished]].copy()
-        self.host_tokens[finished, positions[finished]] = host_tokens[finished]
-        self.response_len[finished] += 1
-        try:
-            if finished.size:
-                prompts, responses = self._texts(finished)
-                scores = check_scores(self.reward_fn(prompts, responses), len(finished)).to(self.device)
-        finally:
-            self.response_len[finished] -= 1
-            self.host_tokens[finished, positions[finished]] = saved
+        if finished.size:
+            prompts, responses = self._texts(finished, host_tokens[finished])
+            scores = check_scores(self.reward_fn(prompts, responses), len(finished)).to(self.device)
 
         # Commit.
+        positions = self.prompt_len + self.response_len
         step_rows = np.flatnonzero(stepping)
         self.host_tokens[step_rows, positions[step_rows]] = host_tokens[step_rows]
         columns = host_to_device(np.where(stepping, positions, self.max_length), self.device)
