@@ -220,22 +220,14 @@ class ThroughputSettings:
 
 # --------------------------------------------------------------------------------------- building
 def synthetic_tokenizer(vocab_size: int) -> Any:
-    """A word-level tokenizer with exactly ``vocab_size`` tokens: ``<pad>``, ``<eos>``, ``<unk>``, ``w3``...
+    """A word-level tokenizer with exactly ``vocab_size`` tokens (:func:`llm_env.tiny.numbered_tokenizer`).
 
     Text round-trips exactly (words are joined by single spaces), so prompts of P words are P tokens and
     the environment's detokenise-and-retokenise path for the reward model does real work on real text.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from llm_env.tiny import numbered_tokenizer
 
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return numbered_tokenizer(vocab_size)
 
 
 def build_model(

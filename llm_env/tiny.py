@@ -22,9 +22,26 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-__all__ = ["SPECIAL_TOKENS", "tiny_gpt2", "tiny_llama", "word_tokenizer"]
+__all__ = ["SPECIAL_TOKENS", "numbered_tokenizer", "tiny_gpt2", "tiny_llama", "word_tokenizer"]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+
+
+def _wrap(
+    model: models.WordLevel, train_on: Iterable[str] | None = None, vocab_size: int | None = None
+) -> PreTrainedTokenizerFast:
+    """Whitespace pre-tokenisation, space-joining decoding and the three special tokens around a word model."""
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    if train_on is not None:
+        trainer = trainers.WordLevelTrainer(
+            special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size or 1_000_000, min_frequency=1
+        )
+        tokenizer.train_from_iterator(train_on, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def word_tokenizer(corpus: Iterable[str], *, vocab_size: int | None = None) -> PreTrainedTokenizerFast:
@@ -34,16 +51,15 @@ def word_tokenizer(corpus: Iterable[str], *, vocab_size: int | None = None) -> P
     text, and the decoding of a prefix is a prefix of the decoding (what the environment relies on to cut
     the response text from the full text).
     """
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    trainer = trainers.WordLevelTrainer(
-        special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size or 1_000_000, min_frequency=1
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return _wrap(models.WordLevel(unk_token="<unk>"), corpus, vocab_size)
+
+
+def numbered_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with exactly ``vocab_size`` tokens: ids 0-2 are ``<pad>``, ``<eos>``,
+    ``<unk>`` and id ``i >= 3`` is the word ``w{i}``, so a text of P words is exactly P tokens."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
+    return _wrap(models.WordLevel(vocab=vocab, unk_token="<unk>"))
 
 
 def _ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:

@@ -89,3 +89,13 @@ def test_cuda_graph_variants_are_refused_on_cpu():
 def test_cli_reports_bad_settings_with_exit_status_2(capsys):
     assert cli.main(["bench-throughput", "--variants", "warp", "--quiet"]) == 2
     assert "unknown variants" in capsys.readouterr().err
+
+
+def test_numbered_tokenizer_has_exact_ids_and_round_trips():
+    from llm_env.tiny import numbered_tokenizer
+
+    tokenizer = numbered_tokenizer(12)
+    assert len(tokenizer) == 12 and (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
+    text = " ".join(f"w{i}" for i in range(3, 12))
+    assert tokenizer(text)["input_ids"] == list(range(3, 12))  # P words are exactly P tokens
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
