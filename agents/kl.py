@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["AdaptiveKLController", "FixedKLController", "KLController"]
+__all__ = ["AdaptiveKLController", "FixedKLController"]
 
 
 class FixedKLController:
@@ -50,6 +50,3 @@ class AdaptiveKLController(FixedKLController):
             error = min(max((current_kl - self.target) / self.target, -0.2), 0.2)
             self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
-
-
-KLController = FixedKLController

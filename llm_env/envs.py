@@ -85,15 +85,6 @@ def _check_integer(value: Any, what: str) -> None:
         raise TypeError(f"{what} must be integer token ids, got dtype {dtype}")
 
 
-def _set_kl_coef(batch: EpisodeBatch, value: float) -> None:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"kl_coef must be a finite number >= 0, got {value}")
-    if value > 0 and batch.reference is None:
-        raise ValueError("kl_coef > 0 needs a reference model")
-    batch.kl_coef = value
-
-
 def _spaces(batch: EpisodeBatch) -> tuple[spaces.Discrete, spaces.Dict]:
     length, vocab = batch.max_length, batch.vocab_size
     observation = spaces.Dict(
@@ -117,7 +108,12 @@ class _BatchAccessors:
 
     @kl_coef.setter
     def kl_coef(self, value: float) -> None:
-        _set_kl_coef(self.batch, value)
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {value}")
+        if value > 0 and self.batch.reference is None:
+            raise ValueError("kl_coef > 0 needs a reference model")
+        self.batch.kl_coef = value
 
     @property
     def tokenizer(self) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -267,8 +266,3 @@ def _samples(results: dict[str, EvalResult], n: int) -> list[dict[str, Any]]:
         if entry["prompt"] is not None:
             out.append(entry)
     return out
-
-
-def load_result(path: str | Path) -> dict[str, Any]:
-    """Read ``leaderboard.json`` back."""
-    return json.loads(Path(path).read_text())
