@@ -9,11 +9,10 @@
 * :class:`LMActorCriticPolicy`: lets unmodified Stable-Baselines3 PPO train a transformers LM on TextGenEnv.
 """
 
-from agents.kl import AdaptiveKLController, FixedKLController
+from agents.kl_controllers import AdaptiveKLController, FixedKLController
 from agents.losses import explained_variance, gae, masked_mean, masked_whiten, policy_loss, value_loss
 from agents.pipeline import IterativeConfig, IterativeResult, iterative_rlhf
 from agents.policy import (
-    PolicyAgent,
     SequenceBatch,
     TokenSampler,
     ValueHead,
@@ -44,7 +43,6 @@ __all__ = [
     "LearningAgent",
     "PPOAgent",
     "PPOConfig",
-    "PolicyAgent",
     "RejectionSamplingAgent",
     "RejectionSamplingConfig",
     "SFTConfig",

@@ -1,43 +1,71 @@
 """``llm-env ppo`` and ``llm-env rejection-sampling``: the agents from the command line.
 
-Both take a policy, a prompt file and a reward model, and every field of their config dataclass as an
-option (``--learning-rate``, ``--episodes-per-update``, ``--k``, ``--sft-epochs``, ...).
+Every option is generated from a dataclass, so the command line has exactly the fields, defaults and help
+of the library: :class:`RunOptions` (models, data, output), the environment's options from
+:class:`llm_env.EnvConfig` (``--max-new-tokens``, ``--kl-estimator``, ...) and the agent's config
+(``--learning-rate``, ``--episodes-per-update``, ``--k``, ``--sft-epochs``, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_env.config_cli import add_dataclass_arguments, dataclass_from_args
+from agents.ppo import PPOAgent, PPOConfig
+from agents.rejection import RejectionSamplingAgent, RejectionSamplingConfig
+from llm_env import EnvConfig
+from llm_env.config_cli import add_dataclass_arguments, dataclass_from_args, options_from_args
+
+__all__ = ["ENV_OPTIONS", "RunOptions", "add_parser"]
 
 
-def _env_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("models and environment")
-    group.add_argument("--policy", required=True, help="SFT model to optimise: local path or hub name")
-    group.add_argument("--prompts", required=True, help='JSONL file with one {"prompt": ...} per line')
-    group.add_argument(
-        "--reward", required=True, help="reward model: rewards.RewardModel directory or seq-cls path"
-    )
-    group.add_argument("--reference", help="KL reference (default: the policy's initial weights)")
-    group.add_argument("--tokenizer", help="tokenizer path (default: the policy's)")
-    group.add_argument("--num-envs", type=int, default=16, help="sub-environments stepped in parallel")
-    group.add_argument("--max-new-tokens", type=int, default=64, help="response budget in tokens")
-    group.add_argument("--max-prompt-length", type=int, help="prompt budget (default: the longest prompt)")
-    group.add_argument("--truncation-side", choices=["left", "right"], help="how to cut prompts over budget")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    group.add_argument("--out", required=True, type=Path, help="directory for the final model and metrics")
-    group.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoint")
+@dataclass
+class RunOptions:
+    """What an agent's command needs besides its config: the models, the data and where to write."""
+
+    policy: str
+    """SFT model to optimise: local path or hub name."""
+    prompts: str
+    """JSONL file with one {"prompt": ...} per line."""
+    reward: str
+    """Reward model: a rewards.RewardModel directory or a sequence-classification path / hub name."""
+    out: str
+    """Directory for the final model, the metrics and the checkpoint."""
+    reference: str | None = None
+    """KL reference (default: the policy's initial weights)."""
+    tokenizer: str | None = None
+    """Tokenizer path (default: the policy's)."""
+    num_envs: int = 16
+    """Sub-environments stepped in parallel."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 or auto (CUDA when available)."""
+    resume: bool = False
+    """Continue from the checkpoint in OUT/checkpoint."""
 
 
-def _env_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "max_new_tokens": args.max_new_tokens,
-        "max_prompt_length": args.max_prompt_length,
-        "truncation_side": args.truncation_side,
-    }
+ENV_OPTIONS = (
+    "kl_estimator",
+    "max_new_tokens",
+    "max_prompt_length",
+    "truncation_side",
+    "stop_token_ids",
+    "missing_eos_penalty",
+    "prompt_order",
+    "prompt_key",
+    "chat_template",
+    "reward_batch_size",
+    "dtype",
+)
+"""The :class:`~llm_env.EnvConfig` fields offered on the command line (the others are objects, or set by the
+agent: the tokenizer, the reference, ``kl_coef``, the device)."""
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, RunOptions)
+    add_dataclass_arguments(parser, EnvConfig, include=ENV_OPTIONS)
 
 
 def _write_history(out: Path, history: list[dict[str, float]]) -> None:
@@ -46,62 +74,62 @@ def _write_history(out: Path, history: list[dict[str, float]]) -> None:
 
 
 def _ppo(args: argparse.Namespace) -> int:
-    from agents.ppo import PPOAgent, PPOConfig
-
+    run = dataclass_from_args(RunOptions, args)
     config = dataclass_from_args(PPOConfig, args)
-    agent = PPOAgent(args.policy, args.tokenizer, config, reference=args.reference, device=args.device)
-    checkpoint = args.out / "checkpoint"
-    if args.resume:
+    out = Path(run.out)
+    agent = PPOAgent(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
+    checkpoint = out / "checkpoint"
+    if run.resume:
         agent.load_checkpoint(checkpoint)
-    env = agent.make_env(args.prompts, args.reward, num_envs=args.num_envs, **_env_kwargs(args))
+    env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
+    env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
     history = agent.train(env, args.updates, checkpoint_dir=checkpoint)
-    agent.save_pretrained(args.out / "policy")
-    _write_history(args.out, history)
+    agent.save_pretrained(out / "policy")
+    _write_history(out, history)
     last = history[-1] if history else {}
     print(
-        f"ppo: {agent.update} updates, final score {last.get('score', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}"
+        f"ppo: {agent.update} updates, final score {last.get('score', float('nan')):.4f}, "
+        f"KL {last.get('kl', float('nan')):.4f}"
     )
-    print(f"saved the policy to {args.out / 'policy'}")
+    print(f"saved the policy to {out / 'policy'}")
     return 0
 
 
 def _rejection(args: argparse.Namespace) -> int:
-    from agents.rejection import RejectionSamplingAgent, RejectionSamplingConfig
-
+    run = dataclass_from_args(RunOptions, args)
     config = dataclass_from_args(RejectionSamplingConfig, args)
-    agent = RejectionSamplingAgent(args.policy, args.tokenizer, config, device=args.device)
-    checkpoint = args.out / "checkpoint"
-    if args.resume:
+    out = Path(run.out)
+    agent = RejectionSamplingAgent(run.policy, run.tokenizer, config, device=run.device)
+    checkpoint = out / "checkpoint"
+    if run.resume:
         agent.load_checkpoint(checkpoint)
-    reference = args.reference or args.policy
+    env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
     env = agent.make_env(
-        args.prompts, args.reward, num_envs=args.num_envs, reference=reference, **_env_kwargs(args)
+        run.prompts, run.reward, num_envs=run.num_envs, reference=run.reference or run.policy, **env_options
     )
     history = agent.train(env, checkpoint_dir=checkpoint)
-    agent.save_pretrained(args.out / "policy")
-    _write_history(args.out, history)
+    agent.save_pretrained(out / "policy")
+    _write_history(out, history)
     for stats in history:
         measured = stats.get("kl_best_of_k_measured", float("nan"))
         print(
             f"round {int(stats['round'])}: mean score {stats['sample_score']:.4f}, best-of-{config.k} "
-            f"{stats['best_score']:.4f}, KL(best-of-k) measured {measured:.3f} vs theory {stats['kl_best_of_k_theory']:.3f}"
+            f"{stats['best_score']:.4f}, KL(best-of-k) measured {measured:.3f} vs theory "
+            f"{stats['kl_best_of_k_theory']:.3f}"
         )
-    print(f"saved the policy to {args.out / 'policy'}")
+    print(f"saved the policy to {out / 'policy'}")
     return 0
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``ppo`` and ``rejection-sampling``."""
-    from agents.ppo import PPOConfig
-    from agents.rejection import RejectionSamplingConfig
-
     ppo = subparsers.add_parser("ppo", help="token-level PPO through the environment")
-    _env_arguments(ppo)
-    ppo.add_argument("--updates", type=int, default=100, help="total PPO updates")
+    _add_common(ppo)
+    ppo.add_argument("--updates", type=int, default=100, help="total PPO updates (default: 100)")
     add_dataclass_arguments(ppo, PPOConfig)
     ppo.set_defaults(func=_ppo)
 
     rs = subparsers.add_parser("rejection-sampling", help="best-of-k sampling and fine-tuning (Llama 2)")
-    _env_arguments(rs)
+    _add_common(rs)
     add_dataclass_arguments(rs, RejectionSamplingConfig)
     rs.set_defaults(func=_rejection)

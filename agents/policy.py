@@ -1,8 +1,9 @@
 """Language-model building blocks shared by the agents.
 
-* :class:`TokenSampler` acts in a :class:`~llm_env.TextGenVectorEnv`: it keeps the policy's own slot KV
-  cache (:class:`~llm_env.IncrementalLM`), prefills the sub-environments that restarted, decodes one token
-  for the others, samples on the device and reports the log-probabilities the environment needs.
+* :class:`TokenSampler` acts in a :class:`~llm_env.TextGenVectorEnv` with any causal LM: it keeps the
+  policy's own slot KV cache (:class:`~llm_env.IncrementalLM`), prefills the sub-environments that
+  restarted, decodes one token for the others, samples on the device and reports the log-probabilities
+  the environment needs.
 * :class:`SequenceBatch` and :func:`response_forward` score whole (prompt, response) sequences in one
   teacher-forced forward pass: log-probabilities, values and entropies of every response token, which is
   what PPO's update, SFT and KL measurements need.
@@ -22,12 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from llm_env import IncrementalLM, TokenActions
-from llm_env.decoding import fused_decoder_for, host_to_device, left_pad
+from llm_env import IncrementalLM, TextGenVectorEnv, TokenActions
+from llm_env.decoding import host_to_device, left_pad
 from llm_env.models import load_causal_lm, load_tokenizer, model_device, resolve_device, unwrap_model
 
 __all__ = [
-    "PolicyAgent",
     "SequenceBatch",
     "TokenSampler",
     "ValueHead",
@@ -114,64 +114,90 @@ def sample_tokens(logprobs: torch.Tensor, generator: torch.Generator | None = No
 
 
 class TokenSampler:
-    """Samples tokens from a causal LM for every sub-environment, with the policy's own KV cache.
+    """Samples the next token of every sub-environment from a causal LM, with the policy's own KV cache.
+
+    The acting half of PPO and rejection sampling, and on its own the way to run any policy (an SFT model, a
+    trained one) in a :class:`~llm_env.TextGenVectorEnv`: it prefills the sub-environments that restarted,
+    decodes one token for the others, samples on the device and reports the log-probabilities the
+    environment needs for the KL penalty. Its slot KV cache (:class:`~llm_env.IncrementalLM`) is built on
+    the first observation and rebuilt when the observation shape (number of sub-environments, length) or
+    the model changes.
 
     Args:
         model: the policy (a transformers causal LM or a peft model).
-        num_envs: B.
-        capacity: the environment's observation length L.
-        temperature: sampling temperature; log-probabilities are those of the tempered distribution,
-            i.e. of the behaviour policy actually used.
-        generator: the torch random generator for sampling (on the model's device).
+        temperature: sampling temperature; log-probabilities are those of the tempered distribution, i.e.
+            of the behaviour policy actually used.
+        generator: the torch random generator for sampling, on the model's device (default: a new one
+            seeded with ``seed``).
+        seed: seed of the default generator.
         greedy: take the argmax instead of sampling.
         cuda_graph: replay the decode step as a CUDA graph (see :class:`~llm_env.IncrementalLM`).
+        env: an environment to read fused policy logits from (see :meth:`attach`).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        num_envs: int,
-        capacity: int,
         *,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        seed: int = 0,
         greedy: bool = False,
         cuda_graph: bool = False,
+        env: TextGenVectorEnv | None = None,
     ) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model = model
-        self.lm = IncrementalLM(model, num_envs, capacity, cuda_graph=cuda_graph)
-        self.device = model_device(model)
-        self._cache_valid = True  # False after acting from a fused decoder: our own cache was not advanced
         self.temperature = temperature
-        self.generator = generator
         self.greedy = greedy
+        self.cuda_graph = cuda_graph
+        self.generator = generator or torch.Generator(device=model_device(model)).manual_seed(seed)
+        self.env = env
+        self.device = model_device(model)
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {self.device}")
+        self.lm: IncrementalLM | None = None
+        self._key: tuple[Any, ...] | None = None  # (B, L, model) the cache was built for
+        self._cache_valid = True  # False after acting from fused logits: our own cache was not advanced
         self._logits: torch.Tensor | None = None  # (B, V) next-token logits of the current states
         self._last: torch.Tensor | None = None  # (B,) tokens chosen at the previous call
 
+    def attach(self, env: TextGenVectorEnv | None) -> None:
+        """Act from ``env``'s fused policy logits when it has them (:meth:`~llm_env.TextGenVectorEnv.policy_logits`).
+
+        With ``reference=AdapterDisabled(model, fuse=True)`` the environment decodes this sampler's model
+        together with the reference in one forward pass per step; attached, the sampler samples from that
+        policy half instead of decoding again (same tokens and log-probabilities up to float rounding).
+        ``None`` detaches. Environments that do not fuse this model are harmless: the sampler decodes.
+        """
+        self.env = env
+
+    def _ensure_cache(self, obs: dict[str, torch.Tensor]) -> None:
+        batch, length = obs["input_ids"].shape
+        key = (batch, length, id(self.model))
+        if self.lm is None or self._key != key:
+            self.lm = IncrementalLM(self.model, batch, length, cuda_graph=self.cuda_graph)
+            self.device = self.lm.device
+            self._key, self._logits, self._last, self._cache_valid = key, None, None, True
+
     @torch.no_grad()
     def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
-        """Tokens and their log-probabilities for the observations ``obs``.
+        """Tokens and their log-probabilities (under the tempered policy) for the observations ``obs``.
 
         ``restarted[i]`` marks sub-environments that hold a fresh prompt (after a reset); the others are
         assumed to have appended the token this sampler returned last time.
-
-        When the environment decodes this model fused with its reference
-        (``AdapterDisabled(model, fuse=True)``) and ``obs`` is the observation it returned, the policy's
-        next-token logits are already computed and are read from the environment's
-        :class:`~llm_env.decoding.FusedDecoder` instead of decoding again. Otherwise the sampler decodes
-        with its own cache (re-encoding every row from ``obs`` after it has acted from fused logits).
         """
         restarted = np.asarray(restarted, dtype=bool)
-        fused = fused_decoder_for(self.model, obs["input_ids"])
-        if fused is not None and fused.batch_size == len(restarted):
-            self._logits = fused.policy_logits
+        self._ensure_cache(obs)
+        fused = self.env.policy_logits(obs, self.model) if self.env is not None else None
+        if fused is not None and fused.shape[0] == len(restarted):
+            self._logits = fused
             self._cache_valid = False
             return self._sample()
         if not self._cache_valid:  # our cache missed the tokens appended while we read fused logits
             restarted = np.ones_like(restarted)
-            self._logits = None  # it was the decoder's tensor: never write into it
+            self._logits = None  # it was the environment's tensor: never write into it
             self._cache_valid = True
         if self._last is not None and not restarted.all():
             self._logits = self.lm.decode(self._last).logits
@@ -196,54 +222,6 @@ class TokenSampler:
             tokens = sample_tokens(logprobs, self.generator)
         self._last = tokens
         return TokenActions(tokens, logprobs.gather(1, tokens[:, None]).squeeze(1))
-
-
-class PolicyAgent:
-    """An agent that samples from a causal LM with its KV cache: the acting half of PPO and rejection
-    sampling, and on its own the way to run any policy (an SFT model, a trained one) in the environment.
-
-    The :class:`TokenSampler` is built on the first observation and rebuilt when the observation shape
-    (number of sub-environments, length) or the model changes.
-
-    Args:
-        model: the causal LM (or peft model) to sample from.
-        temperature: sampling temperature.
-        generator: torch random generator on the model's device (default: a new one seeded with ``seed``).
-        seed: seed of the default generator.
-        cuda_graph: replay the sampler's decode step as a CUDA graph (CUDA only).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        seed: int = 0,
-        cuda_graph: bool = False,
-    ) -> None:
-        self.model = model
-        self.temperature = temperature
-        self.cuda_graph = cuda_graph
-        self.generator = generator or torch.Generator(device=model_device(model)).manual_seed(seed)
-        self._sampler: TokenSampler | None = None
-        self._key: tuple[Any, ...] | None = None
-
-    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
-        """Sample the next tokens; report their log-probabilities under the tempered policy."""
-        key = (*obs["input_ids"].shape, id(self.model))
-        if self._sampler is None or self._key != key:
-            batch, length = obs["input_ids"].shape
-            self._sampler = TokenSampler(
-                self.model,
-                batch,
-                length,
-                temperature=self.temperature,
-                generator=self.generator,
-                cuda_graph=self.cuda_graph,
-            )
-            self._key = key
-        return self._sampler.act(obs, restarted)
 
 
 def load_policy(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,11 +29,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from agents.checkpoint import load_training_state, save_training_state
-from agents.kl import AdaptiveKLController, FixedKLController
+from agents.kl_controllers import AdaptiveKLController, FixedKLController
 from agents.losses import explained_variance, gae, masked_mean, masked_whiten, policy_loss, value_loss
 from agents.policy import (
-    PolicyAgent,
     SequenceBatch,
+    TokenSampler,
     ValueHead,
     add_lora,
     hidden_size,
@@ -44,6 +43,7 @@ from agents.policy import (
 )
 from agents.rollout import Trajectories, collect_episodes
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
+from llm_env.kl import check_kl_coef
 from llm_env.models import pad_token_id
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
 
@@ -152,7 +152,7 @@ class PPOConfig:
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
         check(self.clip_range > 0, "clip_range must be > 0")
         check(self.temperature > 0, "temperature must be > 0")
-        check(math.isfinite(self.kl_coef) and self.kl_coef >= 0, "kl_coef must be >= 0")
+        check_kl_coef(self.kl_coef)
         check(not self.adaptive_kl or self.kl_coef > 0, "adaptive_kl needs an initial kl_coef > 0")
         check(self.ptx_coef >= 0, "ptx_coef must be >= 0")
         check(self.lora_rank >= 0, "lora_rank must be >= 0 (0 disables LoRA)")
@@ -232,12 +232,14 @@ class PPOAgent:
         self.update = 0
         self.pad_id = pad_token_id(self.tokenizer)
         self._generator = torch.Generator(device=device).manual_seed(config.seed)
-        self._actor = PolicyAgent(
+        self.sampler = TokenSampler(
             self.policy,
             temperature=config.temperature,
             generator=self._generator,
             cuda_graph=config.cuda_graphs,
         )
+        """The acting half: samples with the policy's KV cache, or from an attached environment's fused
+        policy logits (:meth:`TokenSampler.attach`)."""
 
     # ------------------------------------------------------------------------------------- wiring
     @property
@@ -248,7 +250,10 @@ class PPOAgent:
     def make_env(
         self, prompts: Any, reward: Any, *, num_envs: int = 16, **env_kwargs: Any
     ) -> TextGenVectorEnv:
-        """A :class:`~llm_env.TextGenVectorEnv` with this agent's tokenizer, reference, device and beta."""
+        """A :class:`~llm_env.TextGenVectorEnv` with this agent's tokenizer, reference, device and beta.
+
+        The agent's sampler is attached to it, so with a fused LoRA reference it acts from the policy
+        logits the environment computes (see :meth:`TokenSampler.attach`)."""
         options = dict(
             prompts=prompts,
             reward=reward,
@@ -260,12 +265,14 @@ class PPOAgent:
         if self.config.cuda_graphs:
             options["cuda_graphs"] = True
         options.update(env_kwargs)
-        return TextGenVectorEnv(num_envs=num_envs, **options)
+        env = TextGenVectorEnv(num_envs=num_envs, **options)
+        self.sampler.attach(env)
+        return env
 
     # -------------------------------------------------------------------------------------- acting
     def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
         """Sample the next tokens with the policy's KV cache; report their log-probabilities."""
-        return self._actor.act(obs, restarted)
+        return self.sampler.act(obs, restarted)
 
     # ------------------------------------------------------------------------------------ learning
     def _ptx_batch(self, step: int) -> SequenceBatch:
@@ -394,10 +401,12 @@ class PPOAgent:
         Each update resets the environment with ``seed + update`` and seeds sampling and minibatch order
         the same way, so a run resumed from a checkpoint continues exactly as the uninterrupted run.
         Returns the per-update diagnostics (score, kl, kl_coef, approx_kl, clipfrac, entropy, losses,
-        explained_variance, rollout and update throughput).
+        explained_variance, rollout and update throughput). The sampler is attached to ``env`` (fused
+        policy logits are used when ``env`` decodes this policy with its reference).
         """
         config = self.config
         total = int(total_updates)
+        self.sampler.attach(env)
         self.scheduler = make_scheduler(
             self.optimizer,
             config.lr_schedule,

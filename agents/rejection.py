@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from agents.checkpoint import load_training_state, save_training_state
-from agents.policy import PolicyAgent, add_lora, load_policy, save_policy
+from agents.policy import TokenSampler, add_lora, load_policy, save_policy
 from agents.rollout import collect_episodes
 from agents.sft import SFTConfig, sft_train
 from llm_env import TextGenVectorEnv, TokenActions
@@ -152,7 +152,7 @@ class RejectionSamplingAgent:
         self.pool: list[dict[str, Any]] = []
         self.round = 0
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self._actor = PolicyAgent(self.policy, temperature=config.temperature, generator=self._generator)
+        self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
 
     def make_env(
         self, prompts: Any, reward: Any, *, num_envs: int = 16, **env_kwargs: Any
@@ -171,8 +171,8 @@ class RejectionSamplingAgent:
 
     def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
         """Sample with the policy's KV cache at the configured temperature."""
-        self._actor.model = self.policy  # fine-tuning may have returned a new module
-        return self._actor.act(obs, restarted)
+        self.sampler.model = self.policy  # fine-tuning may have returned a new module
+        return self.sampler.act(obs, restarted)
 
     def sample(self, env: TextGenVectorEnv, prompt_indices: np.ndarray, k: int, *, seed: int) -> Any:
         """k responses for each prompt (episodes ordered prompt by prompt)."""

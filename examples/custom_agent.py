@@ -66,7 +66,7 @@ def positive_words(prompts: list[str], responses: list[str]) -> list[float]:
 
 def register_on_the_leaderboard(updates: int, episodes: int) -> None:
     """One registered function puts the agent on ``llm-env benchmark``'s leaderboard."""
-    from llm_env.benchmark import BenchmarkContext, register_agent
+    from rlhf_bench.leaderboard import BenchmarkContext, register_agent
 
     @register_agent("reinforce", description="examples/custom_agent.py: REINFORCE with a baseline")
     def reinforce(ctx: BenchmarkContext) -> Reinforce:
@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.leaderboard:
-        from llm_env.benchmark import BenchmarkSettings, run_benchmark
+        from rlhf_bench.leaderboard import BenchmarkSettings, run_benchmark
 
         register_on_the_leaderboard(args.updates, args.episodes)
         settings = BenchmarkSettings.tiny() if args.tiny else BenchmarkSettings.quick()

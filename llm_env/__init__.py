@@ -14,13 +14,15 @@ from __future__ import annotations
 import gymnasium
 
 from llm_env.config import AdapterDisabled, EnvConfig
-from llm_env.core import EpisodeBatch, TokenActions, kl_penalty
+from llm_env.core import EpisodeBatch, TokenActions
 from llm_env.decoding import FusedDecoder, IncrementalLM, SlotCache
 from llm_env.envs import TextGenEnv, TextGenVectorEnv
+from llm_env.kl import KL_ESTIMATORS, kl_penalty, register_kl_estimator
 from llm_env.prompts import load_prompts
 from llm_env.reward import SequenceClassifierReward
 
 __all__ = [
+    "KL_ESTIMATORS",
     "AdapterDisabled",
     "EnvConfig",
     "EpisodeBatch",
@@ -33,6 +35,7 @@ __all__ = [
     "TokenActions",
     "kl_penalty",
     "load_prompts",
+    "register_kl_estimator",
 ]
 
 __version__ = "0.1.0"

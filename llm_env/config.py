@@ -5,18 +5,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from llm_env.kl import KL_ESTIMATORS, check_kl_coef, check_kl_estimator
 from llm_env.prompts import PromptOrder, PromptSource
 
 __all__ = ["AdapterDisabled", "EnvConfig"]
-
-KLEstimator = Literal["k1", "k2", "k3"]
 
 
 @dataclass(frozen=True)
@@ -68,9 +67,9 @@ class EnvConfig:
     kl_coef: float | None = None
     """beta of the per-token penalty ``-beta * KL``; defaults to 0.05 (TRL's default) with a reference and
     0 without. Agents may change it between steps (adaptive KL control) through ``env.kl_coef``."""
-    kl_estimator: KLEstimator = "k1"
-    """Per-token KL estimator with ``d = logp - ref_logp``: k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d
-    (Schulman, http://joschu.net/blog/kl-approx.html)."""
+    kl_estimator: str = field(default="k1", metadata={"choices": KL_ESTIMATORS})
+    """Per-token KL estimator, a name in :data:`llm_env.kl.KL_ESTIMATORS`: with ``d = logp - ref_logp``,
+    k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (Schulman, http://joschu.net/blog/kl-approx.html)."""
     max_new_tokens: int = 64
     """Response length at which an episode is truncated."""
     max_prompt_length: int | None = None
@@ -93,8 +92,10 @@ class EnvConfig:
     """Tokenizer of a reward-model object (a reward path loads its own)."""
     reward_batch_size: int = 32
     """Responses per reward-model forward pass."""
-    device: torch.device | str = "cpu"
-    """Where the token state, the reference model and the returned tensors live (``"cuda"``, ``"auto"``)."""
+    device: torch.device | str = "auto"
+    """Where the token state, the reference model and the returned tensors live: ``"cpu"``, ``"cuda"``,
+    ``"cuda:1"``, or ``"auto"`` (the reference model object's device when one is given, else CUDA when
+    available, else the CPU: :func:`llm_env.models.resolve_device`)."""
     dtype: torch.dtype | str | None = None
     """dtype for models loaded from a path (``"bfloat16"`` on GPUs); ``None`` keeps the checkpoint's."""
     trust_remote_code: bool = False
@@ -108,14 +109,8 @@ class EnvConfig:
     def __post_init__(self) -> None:
         if self.kl_coef is None:
             object.__setattr__(self, "kl_coef", 0.05 if self.reference is not None else 0.0)
-        if not (isinstance(self.kl_coef, (int, float)) and math.isfinite(self.kl_coef) and self.kl_coef >= 0):
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
-        if self.reference is None and self.kl_coef > 0:
-            raise ValueError(
-                f"kl_coef={self.kl_coef} needs a reference model: pass reference=... or set kl_coef=0"
-            )
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be 'k1', 'k2' or 'k3', got {self.kl_estimator!r}")
+        check_kl_coef(self.kl_coef, has_reference=self.reference is not None)
+        check_kl_estimator(self.kl_estimator)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_prompt_length is not None and (

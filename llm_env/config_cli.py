@@ -1,13 +1,15 @@
 """Command-line options generated from config dataclasses, so a CLI has exactly the fields of its config.
 
-Each field becomes ``--field-name`` with its type, default, choices (for ``Literal``) and, as help, the
-docstring written under the field in the class body (the CleanRL style our configs use).
+Each field becomes ``--field-name`` with its type, default, choices (for ``Literal``, or a registry given as
+``field(metadata={"choices": registry})``) and, as help, the docstring written under the field in the class
+body (the CleanRL style our configs use).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import collections.abc
 import dataclasses
 import inspect
 import itertools
@@ -16,7 +18,7 @@ import types
 import typing
 from typing import Any, Literal, Union
 
-__all__ = ["add_dataclass_arguments", "dataclass_from_args", "field_docs"]
+__all__ = ["add_dataclass_arguments", "dataclass_from_args", "field_docs", "options_from_args"]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -43,11 +45,19 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _optional(tp: Any) -> tuple[Any, bool]:
+    """(the type an option parses to, whether ``none`` is accepted) of a field's annotation.
+
+    ``X | None`` parses as X; a union with ``str`` and no sequence type (``torch.dtype | str``) as ``str``.
+    """
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(args) < len(typing.get_args(tp)):
-            return args[0], True
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        sequences = (tuple, list, collections.abc.Sequence)
+        if str in args and not any(typing.get_origin(a) in sequences for a in args):
+            return str, optional
     return tp, False
 
 
@@ -77,12 +87,15 @@ def add_dataclass_arguments(
     *,
     prefix: str = "",
     exclude: tuple[str, ...] = (),
+    include: tuple[str, ...] | None = None,
     base: Any = None,
 ) -> None:
     """Add one option per field of dataclass ``cls`` (nested dataclasses get ``--<field>-`` prefixes).
 
-    ``base`` is an instance whose values are shown as defaults (nested configs use their parent's
-    default instance, which may differ from the nested class's own defaults).
+    ``include`` keeps only the named fields (in the class's order), ``exclude`` drops fields. A field
+    without a default becomes a required option. ``base`` is an instance whose values are shown as
+    defaults (nested configs use their parent's default instance, which may differ from the nested
+    class's own defaults).
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -92,7 +105,7 @@ def add_dataclass_arguments(
         else parser
     )
     for f in dataclasses.fields(cls):
-        if f.name in exclude or f.name.startswith("_"):
+        if f.name in exclude or f.name.startswith("_") or (include is not None and f.name not in include):
             continue
         tp, optional = _optional(hints[f.name])
         flag = "--" + (prefix + f.name).replace("_", "-")
@@ -102,7 +115,10 @@ def add_dataclass_arguments(
             add_dataclass_arguments(parser, tp, prefix=f"{prefix}{f.name}_", base=default)
             continue
         help_text = docs.get(f.name, "") + (f" (default: {default})" if default is not None else "")
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+        if base is None and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs["required"] = True
         origin = typing.get_origin(tp)
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
@@ -116,22 +132,29 @@ def add_dataclass_arguments(
                 group.add_argument(flag, nargs="+", type=inner[0], **kwargs)
             else:
                 group.add_argument(flag, nargs=len(inner), type=inner[0], **kwargs)
+        elif origin in (list, collections.abc.Sequence) and len(typing.get_args(tp)) == 1:
+            group.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], **kwargs)
         elif tp in (int, float, str):
-            group.add_argument(flag, type=_converter(tp, optional), **kwargs)
+            choices = f.metadata.get("choices")  # e.g. a registry: its names when the parser is built
+            if choices is not None:
+                kwargs["choices"] = [*choices, *(["none"] if optional else [])]
+                group.add_argument(flag, **kwargs)
+            else:
+                group.add_argument(flag, type=_converter(tp, optional), **kwargs)
         else:  # e.g. str | tuple[str, ...]: accept one or more strings
             group.add_argument(flag, nargs="+", **kwargs)
 
 
-def dataclass_from_args(
-    cls: type, args: argparse.Namespace, *, prefix: str = "", base: Any = None, **overrides: Any
-) -> Any:
-    """Build ``cls`` from the options :func:`add_dataclass_arguments` added; options not given keep the
-    defaults (those of ``base`` when given, as for nested configs)."""
+def options_from_args(
+    cls: type, args: argparse.Namespace, *, prefix: str = "", include: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """The fields of ``cls`` given on the command line (options left out are absent, so the dataclass's
+    defaults apply), as keyword arguments; ``include`` restricts them as in :func:`add_dataclass_arguments`."""
     hints = typing.get_type_hints(cls)
-    values = dict(overrides)
+    values: dict[str, Any] = {}
     namespace = vars(args)
     for f in dataclasses.fields(cls):
-        if f.name in values or f.name.startswith("_"):
+        if f.name.startswith("_") or (include is not None and f.name not in include):
             continue
         tp, _ = _optional(hints[f.name])
         dest = prefix + f.name
@@ -144,6 +167,16 @@ def dataclass_from_args(
             if value == "none":
                 value = None
             if isinstance(value, list):
-                value = value[0] if len(value) == 1 and typing.get_origin(tp) is not tuple else tuple(value)
+                sequence = typing.get_origin(tp) in (tuple, list, collections.abc.Sequence)
+                value = tuple(value) if sequence or len(value) > 1 else value[0]
             values[f.name] = value
+    return values
+
+
+def dataclass_from_args(
+    cls: type, args: argparse.Namespace, *, prefix: str = "", base: Any = None, **overrides: Any
+) -> Any:
+    """Build ``cls`` from the options :func:`add_dataclass_arguments` added; options not given keep the
+    defaults (those of ``base`` when given, as for nested configs). ``overrides`` set fields directly."""
+    values = {**options_from_args(cls, args, prefix=prefix), **overrides}
     return dataclasses.replace(base, **values) if base is not None else cls(**values)

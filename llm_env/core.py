@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llm_env.config import AdapterDisabled, EnvConfig
 from llm_env.decoding import FusedDecoder, IncrementalLM, host_to_device, left_pad
+from llm_env.kl import kl_penalty
 from llm_env.models import (
     load_causal_lm,
     load_tokenizer,
@@ -42,7 +43,7 @@ from llm_env.models import (
 from llm_env.prompts import load_prompts, tokenize_prompts
 from llm_env.reward import as_reward_function, check_scores
 
-__all__ = ["EpisodeBatch", "StepResult", "TokenActions", "kl_penalty"]
+__all__ = ["EpisodeBatch", "StepResult", "TokenActions"]
 
 
 class TokenActions(NamedTuple):
@@ -56,22 +57,6 @@ class TokenActions(NamedTuple):
 
     tokens: Any
     logprobs: Any
-
-
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate of ``KL(pi || pi_ref)`` from samples of pi.
-
-    With ``d = logprobs - ref_logprobs``: k1 = d (unbiased, can be negative), k2 = d^2 / 2, k3 = exp(-d) - 1 + d
-    (unbiased and non-negative). See http://joschu.net/blog/kl-approx.html.
-    """
-    d = logprobs - ref_logprobs
-    if estimator == "k1":
-        return d
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.expm1(-d) + d
-    raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
 @dataclass
@@ -95,7 +80,10 @@ class EpisodeBatch:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
         self.config = config
         self.num_envs = num_envs
-        self.device = resolve_device(config.device)
+        reference_object = (
+            config.reference.model if isinstance(config.reference, AdapterDisabled) else config.reference
+        )
+        self.device = resolve_device(config.device, reference_object)
         self.kl_coef = float(config.kl_coef)
 
         reference = config.reference

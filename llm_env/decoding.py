@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +37,6 @@ __all__ = [
     "FusedDecoder",
     "IncrementalLM",
     "SlotCache",
-    "fused_decoder_for",
     "host_to_device",
 ]
 
@@ -423,10 +421,6 @@ def _weight_major_head(head: nn.Linear | None) -> Any:
         del head.forward
 
 
-# peft model -> the fused decoders built on it (weak on both sides: an environment owns its decoder).
-_FUSED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet[FusedDecoder]] = weakref.WeakKeyDictionary()
-
-
 def _plain_lora_layers(model: nn.Module, adapter: str) -> list[nn.Module] | None:
     """The layers carrying ``adapter`` when every one is an unmerged vanilla LoRA ``Linear`` (output
     ``base(x) + lora_B(lora_A(x)) * scaling``), else None."""
@@ -504,9 +498,10 @@ class FusedDecoder:
     half itself, so the reference log-probabilities are never taken from the agent. The policy half is kept
     as :attr:`policy_logits`, the policy's next-token logits of the current states, together with the
     observation tensor they belong to (:meth:`mark_observation`, called by the environment when it builds
-    an observation). An agent that holds the same model finds them with :func:`fused_decoder_for` given the
-    observation it was handed, and samples from them instead of running its own decode; with any other
-    observation (another environment, a copy, a stale one) it finds nothing and decodes itself.
+    an observation). An agent reads them through the public call
+    :meth:`llm_env.TextGenVectorEnv.policy_logits` of the environment it was given, with the observation it
+    was handed, and samples from them instead of running its own decode; for any other observation (a copy,
+    a stale one) that call returns None and the agent decodes itself.
 
     Both halves always hold the same tokens (the environment's states), prefilled and advanced together, so
     the per-row slot cache and its restart semantics are those of :class:`IncrementalLM` over 2B rows.
@@ -531,7 +526,6 @@ class FusedDecoder:
         self._decode_mask = _row_mask(self.batch_size, self.device)
         self.policy_logits: torch.Tensor | None = None  # (B, V) float32, next-token logits of the policy
         self.observation: torch.Tensor | None = None  # the observation the policy logits belong to
-        _FUSED.setdefault(model, weakref.WeakSet()).add(self)
 
     def _forward_kwargs(self, n: int) -> dict[str, Any]:
         """Per-call arguments for n policy rows followed by n reference rows."""
@@ -574,13 +568,11 @@ class FusedDecoder:
         """Declare ``input_ids`` (the tensor handed to the agent) to be the state of :attr:`policy_logits`."""
         self.observation = input_ids
 
-
-def fused_decoder_for(model: nn.Module, observation: torch.Tensor) -> FusedDecoder | None:
-    """The fused decoder on ``model`` whose policy logits belong to ``observation`` (that very tensor)."""
-    for decoder in list(_FUSED.get(model, ())):
-        if decoder.observation is observation and decoder.policy_logits is not None:
-            return decoder
-    return None
+    def logits_for(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """:attr:`policy_logits` if ``input_ids`` is the very observation tensor they belong to, else None."""
+        if self.policy_logits is not None and self.observation is input_ids:
+            return self.policy_logits
+        return None
 
 
 def left_pad(

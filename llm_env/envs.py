@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,10 +12,12 @@ from gymnasium import Env, spaces
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
+from torch import nn
 
 from llm_env.config import EnvConfig
 from llm_env.core import EpisodeBatch, StepResult, TokenActions
-from llm_env.decoding import host_to_device
+from llm_env.decoding import FusedDecoder, host_to_device
+from llm_env.kl import check_kl_coef
 from llm_env.prompts import PromptSampler, validate_indices
 
 __all__ = ["TextGenEnv", "TextGenVectorEnv"]
@@ -108,12 +109,7 @@ class _BatchAccessors:
 
     @kl_coef.setter
     def kl_coef(self, value: float) -> None:
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {value}")
-        if value > 0 and self.batch.reference is None:
-            raise ValueError("kl_coef > 0 needs a reference model")
-        self.batch.kl_coef = value
+        self.batch.kl_coef = check_kl_coef(value, has_reference=self.batch.reference is not None)
 
     @property
     def tokenizer(self) -> Any:
@@ -134,6 +130,10 @@ class _BatchAccessors:
     def num_prompts(self) -> int:
         """Number of prompts in the prompt source."""
         return len(self.batch.prompts)
+
+    def prompt_text(self, index: int) -> str:
+        """The text of prompt ``index`` of the prompt source."""
+        return self.batch.prompts[int(index)]
 
     def prompt_token_ids(self, index: int) -> np.ndarray:
         """Token ids of prompt ``index`` exactly as the environment feeds them (after truncation)."""
@@ -500,6 +500,30 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
             "\u2502".join(self.batch.text(row)) if self.batch.ready[row] else ""
             for row in range(self.num_envs)
         )
+
+    @property
+    def fused_policy(self) -> nn.Module | None:
+        """The peft policy decoded in the same forward pass as the reference
+        (``reference=AdapterDisabled(policy, fuse=True)``), or None."""
+        lm = self.batch.lm
+        return lm.model if isinstance(lm, FusedDecoder) else None
+
+    def policy_logits(
+        self, observation: dict[str, torch.Tensor], model: nn.Module | None = None
+    ) -> torch.Tensor | None:
+        """Next-token logits ``(B, V)`` of the fused policy for ``observation``, or None.
+
+        With ``reference=AdapterDisabled(policy, fuse=True)`` each step decodes the policy and its
+        reference in one forward pass (:class:`llm_env.decoding.FusedDecoder`); an agent acting with that
+        policy reads the policy half here instead of decoding again. The logits are returned only for
+        the very observation this environment returned last (not a copy, not an earlier one) and, when
+        ``model`` is given, only if it is the fused policy; otherwise the agent must decode itself. The
+        tensor belongs to the environment: read it, do not write into it.
+        """
+        lm = self.batch.lm
+        if not isinstance(lm, FusedDecoder) or (model is not None and model is not lm.model):
+            return None
+        return lm.logits_for(observation["input_ids"])
 
     def close_extras(self, **kwargs: Any) -> None:
         self.batch.lm = None

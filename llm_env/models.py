@@ -60,9 +60,16 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
 
 
-def resolve_device(device: torch.device | str | None) -> torch.device:
-    """``"auto"`` or ``None`` picks CUDA when available; anything else is passed to ``torch.device``."""
+def resolve_device(device: torch.device | str | None, model: Any = None) -> torch.device:
+    """The device every ``device="auto"`` option of the library means.
+
+    ``"auto"`` or ``None``: the device of ``model`` when it is a model object (so a model you built is
+    never moved behind your back), else CUDA when available, else the CPU. Anything else is passed to
+    ``torch.device`` (asking for CUDA on a machine without it raises).
+    """
     if device is None or device == "auto":
+        if isinstance(model, nn.Module):
+            return model_device(model)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -6,16 +6,24 @@ The environment accepts
   shape ``(n,)``),
 * a transformers sequence-classification model (object, or a path / hub name), scored at the last
   non-pad token of ``prompt + response``,
-* a directory saved by :class:`rewards.RewardModel` (it is such a model plus its score statistics).
+* a directory saved by :class:`rewards.RewardModel` (it is such a model plus ``reward_model.json``, the
+  score statistics used to whiten its scores).
 
 All of them become a :class:`RewardFunction` that returns a float32 tensor of shape ``(n,)`` and checks
 what the source returned: a wrong shape, NaN or inf raises an error that names the offending rows.
+
+This module is the serving half of reward models: it reads what ``rewards`` writes (the checkpoint and
+``reward_model.json``) but never imports ``rewards``, which adds training, LoRA and saving on top of
+:class:`SequenceClassifierReward`.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -32,7 +40,22 @@ from llm_env.models import (
     unwrap_model,
 )
 
-__all__ = ["RewardFunction", "SequenceClassifierReward", "as_reward_function", "check_scores"]
+__all__ = [
+    "FORMAT_VERSION",
+    "METADATA_FILE",
+    "RewardFunction",
+    "ScoreStats",
+    "SequenceClassifierReward",
+    "as_reward_function",
+    "check_scores",
+    "read_reward_metadata",
+]
+
+FORMAT_VERSION = 1
+"""Version of ``reward_model.json``; bumped when its meaning changes."""
+
+METADATA_FILE = "reward_model.json"
+"""The file that marks a directory saved by ``rewards.RewardModel.save_pretrained``."""
 
 
 @runtime_checkable
@@ -63,6 +86,58 @@ def check_scores(scores: Any, n: int, source: str = "reward source") -> torch.Te
     return tensor
 
 
+@dataclass(frozen=True)
+class ScoreStats:
+    """Mean and standard deviation of a reward model's scores on a reference set (its training data).
+
+    Whitening ``(score - mean) / std`` puts rewards from different models and training runs on one
+    scale, which PPO's value function and KL coefficient are sensitive to (Llama 2 whitens its combined
+    reward; Ziegler et al. 2019 normalise the reward model to mean 0, std 1 on the initial policy).
+    """
+
+    mean: float
+    std: float
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.mean) and math.isfinite(self.std)) or self.std <= 0:
+            raise ValueError(f"score statistics need a finite mean and a positive std, got {self}")
+
+    @classmethod
+    def of(cls, scores: torch.Tensor) -> ScoreStats:
+        """Statistics of a tensor of scores (population std, floored at 1e-6 so it can divide)."""
+        scores = scores.detach().double().flatten()
+        if scores.numel() == 0:
+            raise ValueError("cannot compute score statistics of zero scores")
+        std = float(scores.std(correction=0)) if scores.numel() > 1 else 1.0
+        return cls(mean=float(scores.mean()), std=max(std, 1e-6), count=int(scores.numel()))
+
+    def whiten(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores - self.mean) / self.std
+
+
+def read_reward_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The serving options saved in ``<path>/reward_model.json`` (``stats``, ``batch_size``, ``max_length``,
+    ``whiten``), or None when the directory has no such file (a plain sequence-classification checkpoint)."""
+    meta_path = os.path.join(os.fspath(path), METADATA_FILE)
+    if not os.path.isfile(meta_path):
+        return None
+    with open(meta_path, encoding="utf-8") as handle:
+        meta = json.load(handle)
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION})"
+        )
+    stats = meta.get("stats")
+    return {
+        "stats": ScoreStats(**stats) if stats else None,
+        "batch_size": meta.get("batch_size", 32),
+        "max_length": meta.get("max_length"),
+        "whiten": meta.get("whiten", False),
+    }
+
+
 class SequenceClassifierReward:
     """Score texts with a transformers sequence-classification model (one label).
 
@@ -78,6 +153,8 @@ class SequenceClassifierReward:
         batch_size: texts per forward pass.
         max_length: texts longer than this many tokens keep their last ``max_length`` tokens (the
             response end, where the score is read); ``None`` uses the model's position limit if it has one.
+        stats: score statistics on the model's training data (what :meth:`whiten_scores` uses).
+        whiten: whether calling the scorer returns whitened scores (``score(..., whiten=...)`` overrides).
     """
 
     def __init__(
@@ -87,6 +164,8 @@ class SequenceClassifierReward:
         *,
         batch_size: int = 32,
         max_length: int | None = None,
+        stats: ScoreStats | None = None,
+        whiten: bool = False,
     ) -> None:
         vocab = model_vocab_size_safe(model)
         if vocab is not None and len(tokenizer) > vocab:
@@ -103,6 +182,37 @@ class SequenceClassifierReward:
         limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self.max_length = max_length or limit
         self.pad_id = pad_token_id(tokenizer)
+        self.stats = stats
+        self.whiten = whiten
+        if whiten and stats is None:
+            raise ValueError("whiten=True needs the model's score statistics: pass stats=ScoreStats(...)")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> SequenceClassifierReward:
+        """Load a sequence-classification checkpoint, with the options of its ``reward_model.json`` if it
+        has one (score statistics, batch size, length budget, whitening); ``kwargs`` override them."""
+        options = read_reward_metadata(path) or {}
+        options.update(kwargs)
+        model = load_sequence_classifier(
+            path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+        tok = load_tokenizer(
+            tokenizer if tokenizer is not None else path, trust_remote_code=trust_remote_code
+        )
+        return cls(model, tok, **options)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
         """Token ids of each ``prompt + response`` (left-truncated to ``max_length``)."""
@@ -130,9 +240,38 @@ class SequenceClassifierReward:
             out.append(sequence_scores(self.model, input_ids, mask))
         return torch.cat(out) if out else torch.zeros(0, device=device)
 
-    @torch.no_grad()
+    def score(
+        self, prompts: Sequence[str], responses: Sequence[str], *, whiten: bool = False
+    ) -> torch.Tensor:
+        """Scores of ``prompt + response`` texts, batched, shape ``(n,)`` float32 on the model's device.
+
+        Runs without gradients and in eval mode (dropout off), restoring the previous mode afterwards.
+        With ``whiten=True`` the scores are ``(score - mean) / std`` with the saved statistics.
+        """
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise TypeError("prompts and responses must be lists of strings, not a single string")
+        if len(prompts) != len(responses):
+            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                scores = self.score_ids(self.encode(prompts, responses))
+        finally:
+            self.model.train(was_training)
+        return self.whiten_scores(scores) if whiten else scores
+
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        return self.score_ids(self.encode(prompts, responses))
+        return self.score(prompts, responses, whiten=self.whiten)
+
+    def whiten_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(scores - mean) / std`` with this model's score statistics."""
+        if self.stats is None:
+            raise ValueError(
+                "this reward model has no score statistics to whiten with: train it with "
+                "rewards.train_reward_model or call calibrate(prompts, responses) first"
+            )
+        return self.stats.whiten(scores)
 
 
 def model_vocab_size_safe(model: nn.Module) -> int | None:
@@ -175,25 +314,22 @@ def as_reward_function(
     """Turn any accepted reward source into a batched callable on texts.
 
     ``tokenizer`` is the reward model's tokenizer; for a path it defaults to the tokenizer saved beside
-    the model.
+    the model. A directory saved by ``rewards.RewardModel`` brings its length budget, score statistics and
+    whitening choice (``reward_model.json``); ``batch_size`` always applies.
     """
+    if isinstance(reward, SequenceClassifierReward):
+        return reward
     if isinstance(reward, (str, os.PathLike)):
-        path = os.fspath(reward)
-        if os.path.isfile(os.path.join(path, "reward_model.json")):
-            from rewards.model import RewardModel  # a directory saved by rewards.RewardModel
-
-            return RewardModel.from_pretrained(path, device=device, dtype=dtype)
-        model = load_sequence_classifier(
-            path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        return SequenceClassifierReward.from_pretrained(
+            reward,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            batch_size=batch_size,
         )
-        tok = load_tokenizer(
-            tokenizer if tokenizer is not None else path, trust_remote_code=trust_remote_code
-        )
-        return SequenceClassifierReward(model, tok, batch_size=batch_size)
     if isinstance(reward, PreTrainedModel) or (
-        isinstance(reward, nn.Module)
-        and hasattr(unwrap_model(reward), "config")
-        and not callable_on_texts(reward)
+        isinstance(reward, nn.Module) and hasattr(unwrap_model(reward), "config")
     ):
         if tokenizer is None:
             raise ValueError("a reward model object needs its tokenizer: pass reward_tokenizer=...")
@@ -204,8 +340,3 @@ def as_reward_function(
         "reward must be a callable (prompts, responses) -> scores, a sequence-classification model, "
         f"or a path to one; got {type(reward).__name__}"
     )
-
-
-def callable_on_texts(obj: Any) -> bool:
-    """Objects that declare themselves text scorers (like ``rewards.RewardModel``)."""
-    return bool(getattr(obj, "scores_texts", False))

@@ -102,15 +102,16 @@ def tiny_llama(
     hidden_size: int = 32,
     num_attention_heads: int = 4,
     num_key_value_heads: int = 2,
+    intermediate_size: int | None = None,
     max_position_embeddings: int = 256,
     seed: int = 0,
     classifier: bool = False,
 ) -> PreTrainedModel:
-    """A Llama-shaped causal LM (GQA, RoPE, RMSNorm) sized to ``tokenizer``."""
+    """A Llama-shaped causal LM (GQA, RoPE, RMSNorm) sized to ``tokenizer`` (MLP width default 2x hidden)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,

@@ -2,6 +2,8 @@
 
     llm-env train-rm --data prefs.jsonl --model path/or/hub-name --out rm/ [--epochs 1 --lr 1e-5 ...]
 
+Every field of :class:`~rewards.train.RewardTrainingConfig` is an option with the config's own default.
+
 ``--model`` is a causal LM (it gets a new scalar head, as in Llama 2) or a sequence-classification
 checkpoint. The trained model is saved to ``--out`` (loadable as the environment's ``reward=``) with
 ``train_metrics.json``, and the held-out accuracy per preference level is printed at the end.
@@ -15,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+from llm_env.config_cli import add_dataclass_arguments, dataclass_from_args
 from rewards.data import load_preferences
 from rewards.train import RewardTrainingConfig, train_reward_model
 
@@ -22,7 +25,8 @@ __all__ = ["add_parser", "format_metrics", "train_rm"]
 
 
 def add_parser(subparsers: Any) -> None:
-    """Register the ``train-rm`` subcommand."""
+    """Register the ``train-rm`` subcommand: the data and model options, then one option per field of
+    :class:`RewardTrainingConfig` (``--epochs``, ``--lr``, ``--margin-table``, ``--lora-rank``, ...)."""
     p = subparsers.add_parser(
         "train-rm",
         help="train a reward model on preference pairs or rankings (JSONL)",
@@ -46,59 +50,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--eval-data", default=None, help="held-out JSONL (default: --eval-fraction of the prompts)"
     )
-    d = RewardTrainingConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="comparisons per step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
-    p.add_argument(
-        "--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor, fraction of --lr"
-    )
-    p.add_argument(
-        "--max-grad-norm", type=float, default=d.max_grad_norm, help="clip threshold (0: no clipping)"
-    )
-    p.add_argument("--margin-table", choices=["small", "large", "none"], default=d.margin_table)
-    p.add_argument("--center-coef", type=float, default=d.center_coef, help="reward-centering penalty")
-    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps (0: once per epoch)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-length", type=int, default=d.max_length, help="token budget per text")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="0 trains all weights")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--checkpoint-dir", default=d.checkpoint_dir)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--device", default=d.device, help="cpu, cuda, auto (default: CUDA when available)")
-    p.add_argument("--dtype", default=None, help="dtype to load the model in (default: the checkpoint's)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_dataclass_arguments(p, RewardTrainingConfig)
     p.set_defaults(func=train_rm)
-
-
-def _config(args: argparse.Namespace) -> RewardTrainingConfig:
-    return RewardTrainingConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_ratio=args.warmup_ratio,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm or None,
-        margin_table=args.margin_table,
-        center_coef=args.center_coef,
-        eval_fraction=args.eval_fraction,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        max_length=args.max_length,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
-        dtype=args.dtype,
-        progress=not args.no_progress,
-    )
 
 
 def format_metrics(metrics: dict[str, Any] | None) -> str:
@@ -117,7 +70,7 @@ def format_metrics(metrics: dict[str, Any] | None) -> str:
 def train_rm(args: argparse.Namespace) -> int:
     """Run ``train-rm``: train, save to ``--out``, print the held-out accuracy per level."""
     try:  # bad input is reported in one line, not a traceback
-        config = _config(args)
+        config = dataclass_from_args(RewardTrainingConfig, args)
         data = load_preferences(args.data)
         eval_data = load_preferences(args.eval_data) if args.eval_data else None
     except (ValueError, FileNotFoundError) as exc:

@@ -87,8 +87,6 @@ class Llama2Reward:
         >>> env = llm_env.TextGenEnv(prompts=..., reference=..., reward=reward)  # doctest: +SKIP
     """
 
-    scores_texts = True
-
     def __init__(
         self,
         helpfulness: RewardModel | TextScorer | str | os.PathLike,

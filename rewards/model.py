@@ -6,6 +6,11 @@ number). Llama 2 initialises its reward models "from pretrained chat model check
 head for next-token prediction is replaced with a regression head outputting a scalar reward" (Touvron
 et al. 2023, section 3.2.2): :meth:`RewardModel.from_causal_lm` does exactly that.
 
+Serving (scoring texts, score statistics, whitening, loading a saved directory) is
+:class:`llm_env.reward.SequenceClassifierReward`, which the environment uses without importing this
+package; :class:`RewardModel` adds what training needs: construction from a causal LM, LoRA, differentiable
+scores of padded batches, calibration and saving.
+
 The score of ``prompt + response`` is read at its last real token (:func:`llm_env.reward.sequence_scores`),
 whatever the padding. ``save_pretrained`` writes the model as a plain sequence-classification checkpoint
 (safetensors, LoRA merged) with its tokenizer and a ``reward_model.json`` holding the score statistics on
@@ -17,10 +22,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,50 +39,22 @@ from transformers.pytorch_utils import Conv1D
 from llm_env.models import (
     load_sequence_classifier,
     load_tokenizer,
-    model_device,
     pad_token_id,
     resolve_device,
     resolve_dtype,
     unwrap_model,
 )
-from llm_env.reward import SequenceClassifierReward, check_scores, sequence_scores
+from llm_env.reward import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    ScoreStats,
+    SequenceClassifierReward,
+    check_scores,
+    read_reward_metadata,
+    sequence_scores,
+)
 
 __all__ = ["FORMAT_VERSION", "RewardModel", "ScoreStats", "load_reward_model", "right_align"]
-
-FORMAT_VERSION = 1
-"""Version of ``reward_model.json``; bumped when its meaning changes."""
-
-METADATA_FILE = "reward_model.json"
-
-
-@dataclass(frozen=True)
-class ScoreStats:
-    """Mean and standard deviation of a reward model's scores on a reference set (its training data).
-
-    Whitening ``(score - mean) / std`` puts rewards from different models and training runs on one
-    scale, which PPO's value function and KL coefficient are sensitive to (Llama 2 whitens its combined
-    reward; Ziegler et al. 2019 normalise the reward model to mean 0, std 1 on the initial policy).
-    """
-
-    mean: float
-    std: float
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.mean) and math.isfinite(self.std)) or self.std <= 0:
-            raise ValueError(f"score statistics need a finite mean and a positive std, got {self}")
-
-    @classmethod
-    def of(cls, scores: torch.Tensor) -> ScoreStats:
-        """Statistics of a tensor of scores (population std, floored at 1e-6 so it can divide)."""
-        scores = scores.detach().double().flatten()
-        if scores.numel() == 0:
-            raise ValueError("cannot compute score statistics of zero scores")
-        std = float(scores.std(correction=0)) if scores.numel() > 1 else 1.0
-        return cls(mean=float(scores.mean()), std=max(std, 1e-6), count=int(scores.numel()))
-
-    def whiten(self, scores: torch.Tensor) -> torch.Tensor:
-        return (scores - self.mean) / self.std
 
 
 def right_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +72,7 @@ class RewardModel(SequenceClassifierReward):
     """A text scorer ``r(prompt, response)`` backed by a one-label sequence-classification model.
 
     Calling it on texts returns a float32 tensor of shape ``(n,)`` on the model's device, so it can be
-    passed directly as the environment's ``reward=`` (``scores_texts = True`` tells
-    :func:`llm_env.reward.as_reward_function` to call it on texts rather than treat it as a bare model).
+    passed directly as the environment's ``reward=`` (it is a :class:`~llm_env.reward.SequenceClassifierReward`).
 
     Args:
         model: a ``...ForSequenceClassification`` model with ``num_labels == 1`` (or a peft model around one).
@@ -109,8 +83,6 @@ class RewardModel(SequenceClassifierReward):
             the model's position limit.
         whiten: whether calling the model returns whitened scores (``score(..., whiten=...)`` overrides).
     """
-
-    scores_texts = True
 
     def __init__(
         self,
@@ -131,9 +103,9 @@ class RewardModel(SequenceClassifierReward):
                 "load it with AutoModelForSequenceClassification.from_pretrained(path, num_labels=1) or use "
                 "RewardModel.from_causal_lm(path)"
             )
-        super().__init__(model, tokenizer, batch_size=batch_size, max_length=max_length)
-        self.stats = stats
-        self.whiten = whiten
+        super().__init__(
+            model, tokenizer, batch_size=batch_size, max_length=max_length, stats=stats, whiten=whiten
+        )
 
     # ------------------------------------------------------------------------------------- construction
     @classmethod
@@ -185,28 +157,12 @@ class RewardModel(SequenceClassifierReward):
 
         ``kwargs`` (``batch_size``, ``max_length``, ``whiten``) override the saved values.
         """
-        path = os.fspath(path)
-        meta_path = os.path.join(path, METADATA_FILE)
-        if not os.path.isfile(meta_path):
+        options = read_reward_metadata(path)
+        if options is None:
             raise FileNotFoundError(
-                f"{path} has no {METADATA_FILE}: not a directory saved by RewardModel.save_pretrained "
+                f"{os.fspath(path)} has no {METADATA_FILE}: not a directory saved by RewardModel.save_pretrained "
                 "(a plain sequence-classification checkpoint loads with load_reward_model(path))"
             )
-        with open(meta_path, encoding="utf-8") as handle:
-            meta = json.load(handle)
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{meta_path}: format_version {version!r} is not supported "
-                f"(this library reads {FORMAT_VERSION})"
-            )
-        stats = meta.get("stats")
-        options = {
-            "stats": ScoreStats(**stats) if stats else None,
-            "batch_size": meta.get("batch_size", 32),
-            "max_length": meta.get("max_length"),
-            "whiten": meta.get("whiten", False),
-        }
         options.update(kwargs)
         model = load_sequence_classifier(
             path, device=device, dtype=dtype, trust_remote_code=trust_remote_code
@@ -215,10 +171,6 @@ class RewardModel(SequenceClassifierReward):
         return cls(model, tokenizer, **options)
 
     # ---------------------------------------------------------------------------------------- properties
-    @property
-    def device(self) -> torch.device:
-        return model_device(self.model)
-
     @property
     def is_lora(self) -> bool:
         return hasattr(self.model, "merge_and_unload")
@@ -285,39 +237,6 @@ class RewardModel(SequenceClassifierReward):
         """Differentiable scores of a padded batch (left or right padding), shape ``(n,)`` float32."""
         input_ids, attention_mask = right_align(input_ids, attention_mask)
         return sequence_scores(self.model, input_ids, attention_mask)
-
-    def score(
-        self, prompts: Sequence[str], responses: Sequence[str], *, whiten: bool = False
-    ) -> torch.Tensor:
-        """Scores of ``prompt + response`` texts, batched, shape ``(n,)`` float32 on the model's device.
-
-        Runs without gradients and in eval mode (dropout off), restoring the previous mode afterwards.
-        With ``whiten=True`` the scores are ``(score - mean) / std`` with the saved statistics.
-        """
-        if isinstance(prompts, str) or isinstance(responses, str):
-            raise TypeError("prompts and responses must be lists of strings, not a single string")
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                scores = self.score_ids(self.encode(prompts, responses))
-        finally:
-            self.model.train(was_training)
-        return self.whiten_scores(scores) if whiten else scores
-
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        return self.score(prompts, responses, whiten=self.whiten)
-
-    def whiten_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """``(scores - mean) / std`` with this model's score statistics."""
-        if self.stats is None:
-            raise ValueError(
-                "this reward model has no score statistics to whiten with: train it with "
-                "rewards.train_reward_model or call calibrate(prompts, responses) first"
-            )
-        return self.stats.whiten(scores)
 
     def calibrate(self, prompts: Sequence[str], responses: Sequence[str]) -> ScoreStats:
         """Measure and store the score statistics on a reference set of texts (e.g. the training data)."""

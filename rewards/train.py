@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_env.models import resolve_device
 from llm_env.reward import check_scores
 from llm_env.training import make_optimizer, make_scheduler
 from rewards.data import Comparison, PreferenceSource, load_preferences, split_by_prompt
@@ -68,7 +69,7 @@ class RewardTrainingConfig:
     """The cosine schedule decays to this fraction of ``lr`` (Llama 2: 10%)."""
     max_grad_norm: float | None = 1.0
     """Gradient clipping threshold; None disables clipping."""
-    margin_table: str = "small"
+    margin_table: str = field(default="small", metadata={"choices": (*MARGIN_TABLES, "none")})
     """Margins for pairs with a level: ``"small"`` (1, 2/3, 1/3, 0), ``"large"`` (3, 2, 1, 0) or ``"none"``
     (plain Bradley-Terry). A pair's explicit ``margin`` is always used."""
     center_coef: float = 0.0
@@ -95,8 +96,9 @@ class RewardTrainingConfig:
     """Also checkpoint every this many steps (``step-N``); needs ``checkpoint_dir``."""
     score_batch_size: int = 64
     """Texts per forward pass in evaluation and calibration."""
-    device: str | None = None
-    """Device to train on; None: where the model is (a path loads to CUDA when available)."""
+    device: str = "auto"
+    """Device to train on: ``cpu``, ``cuda``, ``cuda:1`` or ``auto`` (where a model object is; a path loads
+    to CUDA when available)."""
     dtype: str | None = None
     """dtype to load a model given as a path in (default: the checkpoint's); float32 trains most stably."""
     progress: bool = True
@@ -408,12 +410,13 @@ def _prepare_model(
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None,
     config: RewardTrainingConfig,
 ) -> RewardModel:
-    """Load (a path goes to CUDA when available unless ``config.device`` says otherwise), place, add LoRA."""
+    """Load (``config.device="auto"``: a path goes to CUDA when available, an object stays where it is),
+    place, add LoRA."""
     is_path = isinstance(model, (str, os.PathLike))
-    device = config.device if config.device is not None or not is_path else "auto"
+    source = model.model if isinstance(model, RewardModel) else model
+    device = resolve_device(config.device, source)
     rm = load_reward_model(model, tokenizer, device=device, dtype=config.dtype if is_path else None)
-    if device is not None:
-        rm.to(device)
+    rm.to(device)
     if config.max_length is not None:
         rm.max_length = config.max_length
     if config.lora_rank:

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from llm_env.cli import main
+from rlhf_bench.cli import main
 
 
 @pytest.fixture

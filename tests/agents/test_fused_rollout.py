@@ -33,7 +33,7 @@ def rollout(tokenizer, prompts, reward, *, fuse, mode, temperature):
         autoreset_mode=mode,
     )
     sampler = TokenSampler(
-        policy, 3, env.max_length, temperature=temperature, generator=torch.Generator().manual_seed(1)
+        policy, temperature=temperature, generator=torch.Generator().manual_seed(1), env=env
     )
     return collect_episodes(env, sampler, 8, seed=3), sampler
 
@@ -77,7 +77,7 @@ def test_sampler_falls_back_to_its_own_cache_for_other_observations(tokenizer, t
         reference=llm_env.AdapterDisabled(policy, fuse=True),
         max_new_tokens=6,
     )
-    sampler = TokenSampler(policy, 2, env.max_length, generator=torch.Generator().manual_seed(0))
+    sampler = TokenSampler(policy, generator=torch.Generator().manual_seed(0), env=env)
     obs, _ = env.reset(seed=0)
     restarted = np.ones(2, dtype=bool)
     for step in range(4):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from agents.kl import AdaptiveKLController, FixedKLController
+from agents.kl_controllers import AdaptiveKLController, FixedKLController
 from agents.losses import explained_variance, gae, masked_mean, masked_whiten, policy_loss, value_loss
 
 

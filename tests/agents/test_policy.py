@@ -26,9 +26,7 @@ def test_sampler_logprobs_match_full_forward_across_restarts(
     env = llm_env.TextGenVectorEnv(
         num_envs=3, prompts=task_prompts, tokenizer=tokenizer, reward=task_reward, max_new_tokens=3
     )
-    sampler = TokenSampler(
-        policy, 3, env.max_length, temperature=temperature, generator=torch.Generator().manual_seed(0)
-    )
+    sampler = TokenSampler(policy, temperature=temperature, generator=torch.Generator().manual_seed(0))
     obs, _ = env.reset(seed=0)
     restarted = np.ones(3, dtype=bool)
     for _ in range(8):  # several episodes per row: autoresets in the middle
@@ -102,11 +100,11 @@ def test_disabled_mode_env_is_usable_for_sampling(tokenizer, task_prompts, task_
         max_new_tokens=2,
         autoreset_mode=AutoresetMode.DISABLED,
     )
-    sampler = TokenSampler(tiny_gpt2(tokenizer), 2, env.max_length, greedy=True)
+    sampler = TokenSampler(tiny_gpt2(tokenizer), greedy=True)
     obs, _ = env.reset(seed=0)
     first = sampler.act(obs, np.ones(2, dtype=bool))
     obs2, _ = env.reset(seed=0)
-    sampler2 = TokenSampler(tiny_gpt2(tokenizer), 2, env.max_length, greedy=True)
+    sampler2 = TokenSampler(tiny_gpt2(tokenizer), greedy=True)
     assert torch.equal(
         sampler2.act(obs2, np.ones(2, dtype=bool)).tokens, first.tokens
     )  # greedy is deterministic

@@ -6,7 +6,6 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from agents.ppo import PPOAgent, PPOConfig
-from llm_env.decoding import FusedDecoder
 
 FAST = dict(
     learning_rate=3e-3, episodes_per_update=16, minibatch_size=8, kl_coef=0.01, progress=False, seed=0
@@ -36,7 +35,7 @@ def test_ppo_with_lora_learns_and_keeps_the_base_frozen(fresh_policy, tokenizer,
     before = {k: v.clone() for k, v in base.state_dict().items()}
     agent = PPOAgent(base, tokenizer, PPOConfig(**{**FAST, "learning_rate": 5e-2}, lora_rank=8))
     env = make(agent, task_prompts, task_reward)
-    assert isinstance(env.batch.lm, FusedDecoder)  # the reference is the base with the adapter switched off
+    assert env.fused_policy is agent.policy  # the reference is the base with the adapter switched off
     agent.train(env, 6)
     good = tokenizer.convert_tokens_to_ids("good")
     ids = [torch.tensor([tokenizer(p)["input_ids"]]) for p in task_prompts]

@@ -35,7 +35,7 @@ def test_episodes_are_assembled_exactly(mode, tokenizer, gpt2, task_prompts, tas
         max_new_tokens=4,
         autoreset_mode=mode,
     )
-    sampler = TokenSampler(gpt2, 3, env.max_length, generator=torch.Generator().manual_seed(1))
+    sampler = TokenSampler(gpt2, generator=torch.Generator().manual_seed(1))
     trajectories = collect_episodes(env, sampler, 7, seed=3)
     assert len(trajectories) == 7
     assert isinstance(sampler, Agent)

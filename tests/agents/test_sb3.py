@@ -11,6 +11,7 @@ from agents.sb3 import LMActorCriticPolicy
 from llm_env.tiny import tiny_gpt2
 
 
+@pytest.mark.slow
 def test_sb3_ppo_raises_the_reward_model_score(tokenizer, task_prompts):
     scores = []
 

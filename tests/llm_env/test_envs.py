@@ -43,7 +43,7 @@ def test_spaces_are_integer_and_sized_to_the_vocabulary(make_env, tokenizer):
     for key in ("input_ids", "attention_mask"):
         space = env.observation_space[key]
         assert space.dtype == np.int64
-        assert space.shape == (env.unwrapped.batch.max_length,)
+        assert space.shape == (env.unwrapped.max_length,)
     obs, _ = env.reset(seed=0)
     assert obs["input_ids"].dtype == np.int64 and obs in env.observation_space
 
@@ -66,7 +66,7 @@ def test_make_and_make_vec(tokenizer, gpt2, reward_fn):
     assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     assert envs.action_space == gym.spaces.MultiDiscrete([len(tokenizer)] * 4)
     obs, _ = envs.reset(seed=0)
-    assert obs["input_ids"].shape == (4, envs.batch.max_length)
+    assert obs["input_ids"].shape == (4, envs.max_length)
     obs, rewards, terminations, truncations, _ = envs.step(torch.zeros(4, dtype=torch.long) + 5)
     assert rewards.shape == (4,) and rewards.dtype == torch.float32
     assert terminations.dtype == torch.bool and truncations.dtype == torch.bool
@@ -174,7 +174,7 @@ def test_next_step_autoreset_semantics(make_vec_env, tokenizer):
     obs, rewards, terminations, truncations, info = envs.step(torch.tensor([9, 7]))
     assert rewards[0] == 0.0 and not terminations[0] and not truncations[0]
     assert info["_prompt_index"].tolist() == [True, False]
-    new_prompt = envs.batch.prompt_ids(int(info["prompt_index"][0])).tolist()
+    new_prompt = envs.prompt_token_ids(int(info["prompt_index"][0])).tolist()
     assert obs["attention_mask"][0].tolist() == [1] * len(new_prompt) + [0] * (8 - len(new_prompt))
     assert obs["input_ids"][0, : len(new_prompt)].tolist() == new_prompt
     assert (obs["input_ids"][0, len(new_prompt) :] == tokenizer.pad_token_id).all()
@@ -187,8 +187,7 @@ def test_disabled_autoreset_keeps_finished_envs_frozen(make_vec_env, tokenizer):
     assert envs.metadata["autoreset_mode"] == AutoresetMode.DISABLED
     envs.reset(seed=0, options={"prompt_indices": np.array([1, 1])})
     eos = tokenizer.eos_token_id
-    envs.step(torch.tensor([eos, 7]))
-    obs_before = envs.batch.observation()["input_ids"][0].clone()
+    obs_before = envs.step(torch.tensor([eos, 7]))[0]["input_ids"][0].clone()
     for _ in range(2):
         obs, rewards, terminations, _, info = envs.step(torch.tensor([9, 7]))
         assert rewards[0] == 0.0 and bool(terminations[0])

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import llm_env
-from llm_env.decoding import FusedDecoder, IncrementalLM, fused_decoder_for, left_pad
+from llm_env.decoding import FusedDecoder, IncrementalLM, left_pad
 from llm_env.tiny import tiny_gpt2, tiny_llama
 
 PROMPTS = ["the film was", "a great movie", "i liked the", "this book is", "the food was cold and"]
@@ -62,7 +62,7 @@ def test_fused_halves_match_separate_policy_and_reference_decodes_across_restart
             )
 
 
-def test_policy_logits_are_found_only_for_the_observation_they_belong_to(tokenizer, reward_fn):
+def test_policy_logits_are_returned_only_for_the_observation_they_belong_to(tokenizer, reward_fn):
     policy = lora(tiny_gpt2(tokenizer, seed=12), ["c_attn"])
     options = dict(prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn, max_new_tokens=4)
     env = llm_env.TextGenVectorEnv(
@@ -73,15 +73,22 @@ def test_policy_logits_are_found_only_for_the_observation_they_belong_to(tokeniz
     )
     obs, _ = env.reset(seed=0)
     other_obs, _ = other.reset(seed=1)
-    assert fused_decoder_for(policy, obs["input_ids"]) is env.batch.lm
-    assert fused_decoder_for(policy, other_obs["input_ids"]) is other.batch.lm
-    assert fused_decoder_for(policy, obs["input_ids"].clone()) is None  # a copy is not the env's state
-    assert fused_decoder_for(tiny_gpt2(tokenizer), obs["input_ids"]) is None  # another model
+    assert env.fused_policy is policy and other.fused_policy is policy
+    logits = env.policy_logits(obs, policy)
+    assert logits is not None and logits.shape == (2, len(tokenizer))
+    other_logits = other.policy_logits(other_obs, policy)
+    assert other_logits is not None and not torch.equal(other_logits, logits)  # each env its own states
+    assert env.policy_logits(other_obs) is None  # another environment's observation
+    assert env.policy_logits({k: v.clone() for k, v in obs.items()}) is None  # a copy is not the env's state
+    assert env.policy_logits(obs, tiny_gpt2(tokenizer)) is None  # another model
     obs2, *_ = env.step(torch.tensor([5, 6]))
-    assert fused_decoder_for(policy, obs["input_ids"]) is None  # stale: the env has moved on
-    assert fused_decoder_for(policy, obs2["input_ids"]) is env.batch.lm
+    assert env.policy_logits(obs, policy) is None  # stale: the env has moved on
+    assert env.policy_logits(obs2, policy) is not None
     env.close()  # the environment's decoder goes away with it
-    assert fused_decoder_for(policy, obs2["input_ids"]) is None
+    assert env.policy_logits(obs2, policy) is None and env.fused_policy is None
+    plain = llm_env.TextGenVectorEnv(num_envs=2, reference=llm_env.AdapterDisabled(policy), **options)
+    plain_obs, _ = plain.reset(seed=0)
+    assert plain.fused_policy is None and plain.policy_logits(plain_obs) is None  # nothing fused
 
 
 def test_fused_env_rewards_equal_the_unfused_env(tokenizer, reward_fn):

@@ -31,7 +31,7 @@ def test_datasets_dataset_is_a_prompt_source(make_env):
     assert load_prompts(dataset) == PROMPTS
     env = make_env(prompts=dataset)
     _, info = env.reset(options={"prompt_index": 2})
-    assert env.unwrapped.batch.prompts[info["prompt_index"]] == "i liked the"
+    assert env.unwrapped.prompt_text(info["prompt_index"]) == "i liked the"
 
 
 def naive_scores(model, tokenizer, prompts, responses):

@@ -33,7 +33,7 @@ def test_cuda_graphs_need_a_cuda_device(gpt2, tokenizer, reward_fn):
     with pytest.raises(ValueError, match="CUDA device"):
         IncrementalLM(gpt2, 1, capacity=8, cuda_graph=True)
     with pytest.raises(ValueError, match="CUDA device"):
-        TokenSampler(gpt2, 1, 8, cuda_graph=True)
+        TokenSampler(gpt2, cuda_graph=True)
     with pytest.raises(ValueError, match="cuda_graphs=True needs device='cuda'"):
         llm_env.TextGenVectorEnv(
             num_envs=1, prompts=["the film was"], tokenizer=tokenizer, reward=reward_fn, reference=gpt2,

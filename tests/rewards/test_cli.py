@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from llm_env.cli import main
 from llm_env.tiny import tiny_llama
 from rewards import RewardModel, save_preferences, simulate_preferences
+from rlhf_bench.cli import main
 
 
 def test_train_rm_from_a_causal_lm_prints_per_level_accuracy(task, tmp_path, capsys):

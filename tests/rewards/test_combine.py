@@ -17,8 +17,6 @@ LOGIT_015 = math.log(0.15 / 0.85)  # -1.734601: sigma(x) < 0.15  <=>  x < -1.734
 class TableScorer:
     """A text scorer that returns a fixed logit per response and records what it was asked."""
 
-    scores_texts = True
-
     def __init__(self, table, stats=None):
         self.table, self.stats, self.calls = table, stats, []
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import llm_env
-from llm_env.reward import as_reward_function
+from llm_env.reward import SequenceClassifierReward, as_reward_function
 from llm_env.tiny import tiny_gpt2, tiny_llama
 from rewards.model import RewardModel, ScoreStats, load_reward_model, right_align
 
@@ -108,9 +108,15 @@ def test_saved_directory_is_a_plain_sequence_classifier(rm, tmp_path, tokenizer)
 
 
 def test_env_accepts_the_loaded_model_as_its_reward(rm, tmp_path, tokenizer, gpt2):
+    rm.calibrate(PROMPTS, RESPONSES)
+    rm.whiten = True
     rm.save_pretrained(tmp_path / "rm")
-    assert isinstance(as_reward_function(str(tmp_path / "rm")), RewardModel)
+    served = as_reward_function(str(tmp_path / "rm"))  # the environment's loader: llm_env alone
+    assert isinstance(served, SequenceClassifierReward) and not isinstance(served, RewardModel)
+    assert served.stats == rm.stats and served.whiten  # reward_model.json: statistics and whitening
     loaded = RewardModel.from_pretrained(tmp_path / "rm")
+    torch.testing.assert_close(served(PROMPTS, RESPONSES), loaded(PROMPTS, RESPONSES))
+    torch.testing.assert_close(served(PROMPTS, RESPONSES), rm.score(PROMPTS, RESPONSES, whiten=True))
     for reward in (str(tmp_path / "rm"), loaded):  # a path, and the object itself
         env = llm_env.TextGenEnv(
             prompts=PROMPTS, tokenizer=tokenizer, reward=reward, reference=gpt2, max_new_tokens=3, kl_coef=0.0

@@ -24,6 +24,7 @@ from rewards import (
 from rewards.train import batch_loss, collate_comparisons
 
 
+@pytest.mark.slow
 def test_reward_model_learns_a_gold_rule_from_noisy_simulated_preferences(task):
     """Gao et al. (2022) setting: a gold rule labels pairs (Bradley-Terry, T = 0.5), a tiny model learns it.
 

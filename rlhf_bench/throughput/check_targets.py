@@ -1,6 +1,6 @@
 """Check the throughput targets of the performance issue against ``llm-env bench-throughput`` JSON reports.
 
-Usage: ``python benchmarks/check_targets.py benchmarks/results/*.json``. Prints one line per target that
+Usage: ``python rlhf_bench/throughput/check_targets.py rlhf_bench/throughput/results/*.json``. Prints one line per target that
 a report can decide and exits with status 1 if any of them fails.
 
 Targets (ratios measured side by side in one run):

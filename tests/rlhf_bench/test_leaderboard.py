@@ -9,11 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from llm_env.benchmark import BenchmarkContext, BenchmarkSettings, ReviewTask, register_agent, run_benchmark
-from llm_env.benchmark.builtin_agents import RandomAgent
-from llm_env.benchmark.harness import _REGISTRY
-from llm_env.benchmark.report import fit_best_of_n, fit_rl, format_table
-from llm_env.cli import main
+from rlhf_bench.cli import main
+from rlhf_bench.leaderboard import (
+    BenchmarkContext,
+    BenchmarkSettings,
+    ReviewTask,
+    register_agent,
+    run_benchmark,
+)
+from rlhf_bench.leaderboard.builtin_agents import RandomAgent
+from rlhf_bench.leaderboard.harness import _REGISTRY
+from rlhf_bench.leaderboard.report import fit_best_of_n, fit_rl, format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -76,6 +82,7 @@ def custom_entry():
     _REGISTRY.pop("always-random", None)
 
 
+@pytest.mark.slow
 def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     logs: list[str] = []
     settings = BenchmarkSettings.tiny()
@@ -158,6 +165,7 @@ def test_bring_your_own_models_without_gold(tmp_path, saved_gpt2, saved_classifi
         )
 
 
+@pytest.mark.slow
 def test_cli_runs_the_benchmark(tmp_path, capsys):
     code = main(
         [

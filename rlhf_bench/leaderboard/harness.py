@@ -2,7 +2,7 @@
 
 Adding an agent to the leaderboard takes one registered function::
 
-    from llm_env.benchmark import BenchmarkContext, register_agent
+    from rlhf_bench.leaderboard import BenchmarkContext, register_agent
 
     @register_agent("my-agent", description="what it does")
     def my_agent(ctx: BenchmarkContext):
@@ -29,11 +29,12 @@ import torch
 from gymnasium.vector import AutoresetMode
 from torch import nn
 
+from agents.rollout import collect_episodes
 from llm_env import TextGenVectorEnv
-from llm_env.benchmark.artifacts import Artifacts
-from llm_env.benchmark.settings import BenchmarkSettings
 from llm_env.models import load_causal_lm
 from llm_env.reward import check_scores
+from rlhf_bench.leaderboard.artifacts import Artifacts
+from rlhf_bench.leaderboard.settings import BenchmarkSettings
 
 __all__ = [
     "AgentEntry",
@@ -74,9 +75,8 @@ def register_agent(name: str, *, description: str = "") -> Callable[[AgentFactor
 
 
 def registered_agents() -> dict[str, AgentEntry]:
-    """All registered entries, in registration order (built-ins first)."""
-    import llm_env.benchmark.builtin_agents  # noqa: F401  (registers the built-ins)
-
+    """All registered entries, in registration order (the built-ins, registered when
+    :mod:`rlhf_bench.leaderboard` is imported, come first)."""
     return dict(_REGISTRY)
 
 
@@ -202,8 +202,6 @@ class BenchmarkContext:
         and gold scores are computed afterwards in single batched calls over all responses (the episodes
         finish a few per step, and scoring them one step at a time would cost many small forward passes).
         """
-        from agents.rollout import collect_episodes
-
         n_eval = len(self.artifacts.eval_prompts)
         n_prompts = n_eval if prompts is None else min(prompts, n_eval)
         samples = samples or self.settings.eval_samples

@@ -28,12 +28,24 @@ import torch
 from gymnasium.vector import AutoresetMode
 from transformers import PreTrainedTokenizerBase
 
+from agents.policy import TokenSampler
+from agents.rollout import collect_episodes
+from agents.sft import SFTConfig, sft_train
 from llm_env import TextGenVectorEnv
-from llm_env.benchmark.settings import BenchmarkSettings
-from llm_env.benchmark.task import KIDS_TAG, ReviewTask
 from llm_env.models import load_causal_lm, load_tokenizer
 from llm_env.prompts import load_prompts
+from llm_env.reward import as_reward_function
 from llm_env.tiny import tiny_gpt2, word_tokenizer
+from rewards import (
+    Llama2Reward,
+    RewardModel,
+    evaluate_reward_model,
+    save_preferences,
+    simulate_preferences,
+    train_reward_model,
+)
+from rlhf_bench.leaderboard.settings import BenchmarkSettings
+from rlhf_bench.leaderboard.task import KIDS_TAG, ReviewTask
 
 __all__ = ["Artifacts", "build_artifacts", "default_cache_dir", "load_byo_artifacts", "sample_texts"]
 
@@ -78,9 +90,6 @@ def sample_texts(
     seed: int,
 ) -> list[list[str]]:
     """``k`` sampled responses per prompt, generated through the environment with the policy's KV cache."""
-    from agents.policy import TokenSampler
-    from agents.rollout import collect_episodes
-
     env = TextGenVectorEnv(
         num_envs=num_envs,
         prompts=list(prompts),
@@ -90,9 +99,7 @@ def sample_texts(
         autoreset_mode=AutoresetMode.DISABLED,
         device=device,
     )
-    sampler = TokenSampler(
-        policy, num_envs, env.max_length, generator=torch.Generator(device=device).manual_seed(seed)
-    )
+    sampler = TokenSampler(policy, generator=torch.Generator(device=device).manual_seed(seed))
     queue = np.repeat(np.arange(len(prompts)), k)
     draws = collect_episodes(env, sampler, len(queue), seed=seed, prompt_indices=queue)
     out: list[list[str]] = [[] for _ in prompts]
@@ -104,8 +111,6 @@ def sample_texts(
 def _train_policy(
     task: ReviewTask, settings: BenchmarkSettings, tokenizer: Any, device: Any, log: Log, progress: bool
 ) -> tuple[Any, dict]:
-    from agents.sft import SFTConfig, sft_train
-
     model = tiny_gpt2(
         tokenizer,
         n_layer=settings.policy_layers,
@@ -154,9 +159,6 @@ def _reward_model(
     log: Log,
     progress: bool,
 ) -> tuple[Any, dict, list]:
-    from rewards import RewardModel, simulate_preferences, train_reward_model
-    from rewards.train import evaluate_reward_model
-
     def sample_fn(ps: list[str], k: int) -> list[list[str]]:
         return sample_texts(
             policy,
@@ -218,8 +220,6 @@ def build_artifacts(
     progress: bool = True,
 ) -> Artifacts:
     """The built-in review task's artifacts, from ``cache_dir`` when present (see the module docstring)."""
-    from rewards import Llama2Reward, RewardModel, save_preferences
-
     task = ReviewTask(seed=settings.seed)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     directory = root / "benchmark" / f"reviews-{settings.artifact_key()}"
@@ -303,8 +303,6 @@ def load_byo_artifacts(
 
     The prompts are split into training and held-out evaluation prompts by the settings' sizes (seeded).
     """
-    from llm_env.reward import as_reward_function
-
     tokenizer = load_tokenizer(policy)
     reward = as_reward_function(reward_model, device=device)
     gold = as_reward_function(gold_reward_model, device=device) if gold_reward_model else None

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU configurations of the throughput targets, one command: bash benchmarks/gpu.sh
-# Writes one JSON report (and its Markdown table) per configuration to benchmarks/results/ (or $OUT) and
+# The GPU configurations of the throughput targets, one command: bash rlhf_bench/throughput/gpu.sh
+# Writes one JSON report (and its Markdown table) per configuration to rlhf_bench/throughput/results/ (or $OUT) and
 # checks the targets at the end. Needs one CUDA GPU with ~40 GB free (the Llama ~1B run keeps every
 # variant's models resident so that their runs can be interleaved).
 set -euo pipefail
-out=${OUT:-benchmarks/results}
+out=${OUT:-rlhf_bench/throughput/results}
 mkdir -p "$out"
 common=(--device cuda --dtype bfloat16 --prompt-length 64 --new-tokens 128 --repeats 5 --warmup 2 --threads none)
 rollouts=(generate monolithic monolithic-greedy env monolithic-lora env-lora env-fused env-graphs env-fused-graphs no-cache)
@@ -23,4 +23,4 @@ llm-env bench-throughput --shape llama-1b --batch-size 64 "${common[@]}" \
     --variants "${rollouts[@]}" ppo-update lora-memory \
     --json "$out/gpu-llama-1b-b64.json" | tee "$out/gpu-llama-1b-b64.md"
 
-python benchmarks/check_targets.py "$out"/gpu-*.json
+python rlhf_bench/throughput/check_targets.py "$out"/gpu-*.json

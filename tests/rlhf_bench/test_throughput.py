@@ -6,17 +6,18 @@ import math
 import pytest
 import torch
 
-from llm_env import cli
-from llm_env.throughput import (
+from rlhf_bench import cli
+from rlhf_bench.throughput import (
     CUDA_ONLY,
     RATIOS,
-    ROLLOUT_VARIANTS,
+    ROLLOUTS,
     VARIANTS,
     ThroughputSettings,
-    run_benchmark,
+    run_throughput,
 )
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_writes_a_well_formed_report(tmp_path, capsys):
     path = tmp_path / "report.json"
     threads = torch.get_num_threads()
@@ -32,7 +33,7 @@ def test_tiny_benchmark_writes_a_well_formed_report(tmp_path, capsys):
     assert "| env-fused |" in out and "| c/b |" in out
     report = json.loads(path.read_text())
     assert report["settings"]["variants"] == [v for v in VARIANTS if v not in CUDA_ONLY]  # on CPU
-    assert set(report["variants"]) == set(ROLLOUT_VARIANTS) - set(CUDA_ONLY)
+    assert set(report["variants"]) == set(ROLLOUTS) - set(CUDA_ONLY)
     for name, result in report["variants"].items():
         assert result["tokens"] == 2 * 3, name  # every variant generates exactly B * N tokens
         assert result["tokens_per_s"] > 0 and result["median_seconds"] > 0
@@ -59,7 +60,7 @@ def test_a_subset_of_variants_reports_only_their_ratios():
         shape="tiny", batch_size=2, prompt_length=3, new_tokens=2, repeats=2, warmup=0,
         variants=("generate,env",),
     )  # fmt: skip
-    report = run_benchmark(settings)
+    report = run_throughput(settings)
     assert list(report["variants"]) == ["generate", "env"]
     assert list(report["ratios"]) == ["c/a"]
     assert len(report["variants"]["env"]["seconds"]) == 2
@@ -83,7 +84,7 @@ def test_settings_reject_impossible_values(options, message):
 def test_cuda_graph_variants_are_refused_on_cpu():
     settings = ThroughputSettings(shape="tiny", batch_size=1, new_tokens=1, variants=("env-graphs",))
     with pytest.raises(ValueError, match="need a CUDA device"):
-        run_benchmark(settings)
+        run_throughput(settings)
 
 
 def test_cli_reports_bad_settings_with_exit_status_2(capsys):

@@ -11,7 +11,12 @@ import importlib
 from collections.abc import Sequence
 
 # "module" whose add_parser(subparsers) registers one or more subcommands.
-_COMMANDS: tuple[str, ...] = ("llm_env.benchmark.cli", "rewards.cli", "agents.cli", "llm_env.throughput")
+_COMMANDS: tuple[str, ...] = (
+    "rlhf_bench.leaderboard.cli",
+    "rewards.cli",
+    "agents.cli",
+    "rlhf_bench.throughput.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,8 +6,9 @@ proxy on the same environment and prompts, and scores them all with the gold rat
 Register your own entry with :func:`register_agent`.
 """
 
-from llm_env.benchmark.artifacts import Artifacts, build_artifacts, default_cache_dir, load_byo_artifacts
-from llm_env.benchmark.harness import (
+from rlhf_bench.leaderboard.artifacts import Artifacts, build_artifacts, default_cache_dir, load_byo_artifacts
+from rlhf_bench.leaderboard.builtin_agents import RandomAgent, SB3Agent  # registers the built-in entries
+from rlhf_bench.leaderboard.harness import (
     AgentEntry,
     BenchmarkContext,
     EvalResult,
@@ -15,9 +16,9 @@ from llm_env.benchmark.harness import (
     registered_agents,
     win_rate,
 )
-from llm_env.benchmark.runner import BenchmarkResult, Row, best_of_k_curve, run_benchmark
-from llm_env.benchmark.settings import BenchmarkSettings
-from llm_env.benchmark.task import ReviewTask
+from rlhf_bench.leaderboard.runner import BenchmarkResult, Row, best_of_k_curve, run_benchmark
+from rlhf_bench.leaderboard.settings import BenchmarkSettings
+from rlhf_bench.leaderboard.task import ReviewTask
 
 __all__ = [
     "AgentEntry",
@@ -26,8 +27,10 @@ __all__ = [
     "BenchmarkResult",
     "BenchmarkSettings",
     "EvalResult",
+    "RandomAgent",
     "ReviewTask",
     "Row",
+    "SB3Agent",
     "best_of_k_curve",
     "build_artifacts",
     "default_cache_dir",

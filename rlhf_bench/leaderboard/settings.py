@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from rlhf_bench.leaderboard.task import TASK_VERSION
+
 __all__ = ["BenchmarkSettings"]
 
 
@@ -170,8 +172,6 @@ class BenchmarkSettings:
     def artifact_key(self) -> str:
         """A short hash of the fields that define the cached SFT policy and reward models."""
         fields = {name: getattr(self, name) for name in self.ARTIFACT_FIELDS}
-        from llm_env.benchmark.task import TASK_VERSION
-
         fields["task_version"] = TASK_VERSION
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 

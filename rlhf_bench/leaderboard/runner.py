@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.policy import TokenSampler
 from agents.rejection import best_of_k_kl, best_of_k_kl_theory
-from llm_env.benchmark.artifacts import Artifacts, build_artifacts, load_byo_artifacts
-from llm_env.benchmark.builtin_agents import PolicyAgent, ppo_run
-from llm_env.benchmark.harness import BenchmarkContext, EvalResult, registered_agents, win_rate
-from llm_env.benchmark.settings import BenchmarkSettings
 from llm_env.models import resolve_device
+from rlhf_bench.leaderboard.artifacts import Artifacts, build_artifacts, load_byo_artifacts
+from rlhf_bench.leaderboard.builtin_agents import ppo_run
+from rlhf_bench.leaderboard.harness import BenchmarkContext, EvalResult, registered_agents, win_rate
+from rlhf_bench.leaderboard.settings import BenchmarkSettings
 
 __all__ = ["BenchmarkResult", "Row", "best_of_k_curve", "run_benchmark"]
 
@@ -123,7 +124,7 @@ def run_benchmark(
     settings: BenchmarkSettings | None = None,
     *,
     agents: Sequence[str] | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "auto",
     out_dir: str | Path = "runs/benchmark",
     cache_dir: str | Path | None = None,
     rebuild: bool = False,
@@ -140,12 +141,12 @@ def run_benchmark(
     Args:
         settings: budgets (default :meth:`BenchmarkSettings.quick`).
         agents: entries to run (default: all registered ones, plus ``best-of-k``); ``sft`` always runs.
-        device: ``"cpu"``, ``"cuda"``, ...
+        device: ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA when available).
         policy, reference, reward_model, prompts, gold_reward_model: run on your own models and prompts
             instead of the built-in task (paths or hub names); without a gold model the leaderboard ranks by
             the reward model and reports no gold score.
     """
-    from llm_env.benchmark.report import write_report
+    from rlhf_bench.leaderboard.report import write_report
 
     settings = settings or BenchmarkSettings.quick()
     device = resolve_device(device)
@@ -192,7 +193,7 @@ def run_benchmark(
     curve: list[dict[str, float]] = []
     if "best-of-k" in selected:
         tick = time.perf_counter()
-        sampler = PolicyAgent(ctx.load_policy().eval(), seed=settings.seed + 1)
+        sampler = TokenSampler(ctx.load_policy().eval(), seed=settings.seed + 1)
         samples = ctx.evaluate(sampler, "best-of-k", samples=settings.bon_samples, with_kl=False)
         ks = [2**i for i in range(0, 12) if 2**i <= settings.bon_samples // 2]
         curve, bon_rows = best_of_k_curve(samples, ks, baseline)

@@ -13,18 +13,19 @@ from gymnasium.vector import AutoresetMode
 
 from agents import (
     IterativeConfig,
+    LMActorCriticPolicy,
     PPOAgent,
     PPOConfig,
     RejectionSamplingAgent,
     RejectionSamplingConfig,
     SFTConfig,
+    TokenSampler,
     iterative_rlhf,
 )
-from agents.policy import PolicyAgent
-from llm_env import TokenActions
-from llm_env.benchmark.harness import BenchmarkContext, register_agent
+from llm_env import TextGenEnv, TokenActions
+from rlhf_bench.leaderboard.harness import BenchmarkContext, register_agent
 
-__all__ = ["PolicyAgent", "RandomAgent", "SB3Agent", "ppo_run"]  # PolicyAgent re-exported from agents
+__all__ = ["RandomAgent", "SB3Agent", "ppo_run"]
 
 
 class RandomAgent:
@@ -57,8 +58,8 @@ class SB3Agent:
 
 
 @register_agent("sft", description="the SFT policy, sampled at temperature 1 (the baseline)")
-def sft_agent(ctx: BenchmarkContext) -> PolicyAgent:
-    return PolicyAgent(ctx.load_policy().eval(), seed=ctx.settings.seed)
+def sft_agent(ctx: BenchmarkContext) -> TokenSampler:
+    return TokenSampler(ctx.load_policy().eval(), seed=ctx.settings.seed)
 
 
 @register_agent("random", description="uniformly random tokens")
@@ -140,7 +141,7 @@ def rejection_sampling_agent(ctx: BenchmarkContext) -> RejectionSamplingAgent:
 
 
 @register_agent("rs-then-ppo", description="Llama 2's iterative recipe: rejection-sampling rounds, then PPO")
-def iterative_agent(ctx: BenchmarkContext) -> PolicyAgent:
+def iterative_agent(ctx: BenchmarkContext) -> TokenSampler:
     s = ctx.settings
     config = IterativeConfig(
         rs_rounds=s.iterative_rs_rounds,
@@ -167,16 +168,13 @@ def iterative_agent(ctx: BenchmarkContext) -> PolicyAgent:
         max_new_tokens=s.max_new_tokens,
     )
     ctx.record("rs-then-ppo", rejection_history=result.rejection_history, history=result.ppo_history)
-    return PolicyAgent(result.policy.eval(), seed=s.seed)
+    return TokenSampler(result.policy.eval(), seed=s.seed)
 
 
 @register_agent("sb3-ppo", description="unmodified Stable-Baselines3 PPO on TextGenEnv (LMActorCriticPolicy)")
 def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
-
-    from agents import LMActorCriticPolicy
-    from llm_env import TextGenEnv
 
     s = ctx.settings
     beta = s.ppo_kl_coef

@@ -31,7 +31,9 @@ def add_parser(subparsers: Any) -> None:
         "--tiny", dest="size", action="store_const", const="tiny", help="toy sizes, seconds (for smoke tests)"
     )
     parser.set_defaults(size="quick")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1 or auto (CUDA when available, default)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="where reports and plots go")
     parser.add_argument(
         "--cache-dir", type=Path, help="artifact cache (default $LLM_ENV_CACHE or ~/.cache/llm_env)"
@@ -54,8 +56,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llm_env.benchmark.runner import run_benchmark
-    from llm_env.benchmark.settings import BenchmarkSettings
+    from rlhf_bench.leaderboard.runner import run_benchmark
+    from rlhf_bench.leaderboard.settings import BenchmarkSettings
 
     settings = getattr(BenchmarkSettings, args.size)(seed=args.seed)
     agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from llm_env.kl import check_kl_coef
+
 __all__ = ["AdaptiveKLController", "FixedKLController"]
 
 
@@ -16,9 +18,7 @@ class FixedKLController:
     """A constant beta."""
 
     def __init__(self, kl_coef: float) -> None:
-        if not math.isfinite(kl_coef) or kl_coef < 0:
-            raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef}")
-        self.value = float(kl_coef)
+        self.value = check_kl_coef(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value

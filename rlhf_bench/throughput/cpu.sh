@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CPU measurements of BENCHMARKS.md: 2 threads, fp32, random weights, everything in one process per
-# configuration. Run from the repository root on an otherwise idle machine: bash benchmarks/cpu.sh
+# configuration. Run from the repository root on an otherwise idle machine: bash rlhf_bench/throughput/cpu.sh
 set -euo pipefail
-out=${OUT:-benchmarks/results}
+out=${OUT:-rlhf_bench/throughput/results}
 mkdir -p "$out"
 
 # The CPU target: GPT-2 6 x 384 (vocab 50257), batch 16, prompt 32, 48 new tokens.
@@ -16,4 +16,4 @@ llm-env bench-throughput --shape gpt2-small --batch-size 16 --prompt-length 32 -
     --variants generate monolithic monolithic-greedy env env-fused no-cache \
     --json "$out/cpu-gpt2-small-b16-n128.json" | tee "$out/cpu-gpt2-small-b16-n128.md"
 
-python benchmarks/check_targets.py "$out"/cpu-*.json
+python rlhf_bench/throughput/check_targets.py "$out"/cpu-*.json

@@ -1,0 +1,362 @@
+"""Measurement: memory above a baseline, timings with the load of other processes, and the run itself.
+
+Throughput is generated tokens per second, the median over ``repeats`` timed runs after ``warmup`` untimed
+runs; the repetitions of all variants are interleaved (round-robin) so that a change of machine load
+affects them alike, and the ratios are computed from medians measured in the same process.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the warm-up run minus the allocation before
+the variant built its models (so it includes the variant's models, caches and activations); on CPU, the
+kernel's high-water mark of the process's resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs`` before the run) minus the RSS before the variant built its models. CPU allocators
+keep freed memory, so RSS depends on what ran before: the LoRA memory comparison therefore runs each of its
+setups in a fresh process on CPU (``memory_isolation``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from llm_env import AdapterDisabled
+from rlhf_bench.throughput.models import Setup, build_setup
+from rlhf_bench.throughput.report import environment
+from rlhf_bench.throughput.settings import ThroughputSettings
+from rlhf_bench.throughput.variants import (
+    CUDA_ONLY,
+    RATIOS,
+    ROLLOUTS,
+    VARIANTS,
+    Variant,
+    env_rollout,
+    make_env,
+    model_bytes,
+    ppo_agent,
+)
+
+__all__ = ["MEMORY_SETUPS", "run_throughput"]
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the high-water mark, which cannot be reset
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _release_memory(device: torch.device) -> None:
+    """Return freed memory to the OS / the CUDA allocator so that baselines are comparable."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap pages otherwise
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of our resident set size (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return _peak_rss() is not None
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    """VmHWM: the peak resident set size since the last :func:`_reset_peak_rss`, in bytes."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _memory_measure(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated minus the allocation before the variant's models"
+    return "peak resident set size (the kernel's VmHWM) minus the RSS before the variant's models"
+
+
+class _MemoryTracker:
+    """Peak memory above a baseline taken at construction (see the module docstring for what is measured)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        _release_memory(device)
+        if device.type == "cuda":
+            self.baseline = torch.cuda.memory_allocated(device)
+        else:
+            self.baseline = _rss_bytes()
+        self.peak = self.baseline
+
+    @property
+    def measure(self) -> str:
+        return _memory_measure(self.device)
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Record the peak during the ``with`` block."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            yield
+            torch.cuda.synchronize(self.device)
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+            return
+        if _reset_peak_rss():  # exact: the kernel keeps the high-water mark
+            try:
+                yield
+            finally:
+                self.peak = max(self.peak, _peak_rss() or 0)
+            return
+        stop = threading.Event()
+
+        def sample() -> None:  # elsewhere: poll the resident set size
+            while not stop.is_set():
+                self.peak = max(self.peak, _rss_bytes())
+                stop.wait(0.002)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def increase(self) -> int:
+        return int(self.peak - self.baseline)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy jiffies of the whole machine, jiffies of this process), or None where /proc is missing."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        with open("/proc/self/stat") as handle:
+            own = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # all but idle and iowait
+    return busy, int(own[11]) + int(own[12])  # utime + stime of all our threads
+
+
+def _other_load(before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float) -> float:
+    """CPU cores used by other processes during a run: a warning sign for the timing on a shared machine."""
+    if before is None or after is None or seconds <= 0:
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / ticks / seconds)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(run: Callable[[int], int], rep: int, device: torch.device) -> tuple[float, int, float]:
+    """(seconds, generated tokens, CPU cores used by other processes meanwhile) of one run."""
+    _sync(device)
+    before = _cpu_jiffies()
+    start = time.perf_counter()
+    tokens = run(rep)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, tokens, _other_load(before, _cpu_jiffies(), seconds)
+
+
+def _rollouts(setup: Setup, names: Sequence[str], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Build every rollout variant (measuring its memory in its first run), then time them round-robin."""
+    s = setup.settings
+    built: dict[str, Variant] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        tracker = _MemoryTracker(setup.device)
+        variant = ROLLOUTS[name].build(setup)
+        warmup = 0 if (name == "no-cache" and s.no_cache_repeats == 1) else s.warmup
+        timings: list[float] = []
+        loads: list[float] = []
+        with tracker.track():
+            seconds, _, load = _timed(variant.run, 10_000, setup.device)  # untimed unless the only run
+        if warmup == 0:
+            timings.append(seconds)
+            loads.append(load)
+        for rep in range(1, warmup):
+            variant.run(10_000 + rep)
+        built[name] = variant
+        results[name] = {
+            "seconds": timings,
+            "other_load": loads,
+            "model_bytes": variant.model_bytes,
+            "peak_memory_bytes": tracker.increase,
+            "memory_measure": tracker.measure,
+        }
+        log(f"built {name}: peak memory {tracker.increase / 2**20:.0f} MiB")
+    for rep in range(max(s.repeats, s.no_cache_repeats)):
+        for name, variant in built.items():
+            wanted = s.no_cache_repeats if name == "no-cache" else s.repeats
+            if len(results[name]["seconds"]) >= wanted:
+                continue
+            seconds, tokens, load = _timed(variant.run, rep, setup.device)
+            if tokens != setup.tokens:
+                raise RuntimeError(f"{name} generated {tokens} tokens, expected {setup.tokens}")
+            results[name]["seconds"].append(seconds)
+            results[name]["other_load"].append(load)
+            log(f"{name} run {rep + 1}: {tokens / seconds:,.0f} tokens/s (other processes: {load:.2f} cores)")
+    for result in results.values():
+        median = statistics.median(result["seconds"])
+        result.update(tokens=setup.tokens, median_seconds=median, tokens_per_s=setup.tokens / median)
+    built.clear()
+    _release_memory(setup.device)
+    return results
+
+
+def _ppo_update(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
+    """Tokens per second per PPO epoch of the full and the LoRA agent, on one rollout's episodes."""
+    s = setup.settings
+    out: dict[str, Any] = {}
+    for label, lora in (("full", False), ("lora", True)):
+        agent = ppo_agent(setup, setup.copy(setup.policy), lora=lora)
+        env = make_env(setup, agent.reference, setup.copy(setup.reward))
+        trajectories = env_rollout(env, agent, setup, seed=s.seed)
+        timings = []
+        for _ in range(max(1, s.warmup) + s.repeats):
+            _sync(setup.device)
+            start = time.perf_counter()
+            agent.learn(trajectories)
+            _sync(setup.device)
+            timings.append(time.perf_counter() - start)
+        timings = timings[max(1, s.warmup) :]
+        median = statistics.median(timings)
+        tokens = int(trajectories.lengths.sum())
+        out[label] = {
+            "tokens": tokens,
+            "ppo_epochs": s.ppo_epochs,
+            "seconds": timings,
+            "tokens_per_s_per_epoch": tokens * s.ppo_epochs / median,
+        }
+        log(f"ppo-update {label}: {out[label]['tokens_per_s_per_epoch']:,.0f} tokens/s per epoch")
+        del agent, env, trajectories
+        _release_memory(setup.device)
+    return out
+
+
+def _zero_reward(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    return [0.0] * len(responses)
+
+
+MEMORY_SETUPS = ("policy_alone", "adapter_disabled_reference", "fused_reference", "separate_reference")
+
+
+def _lora_memory_setup(setup: Setup, label: str) -> dict[str, Any]:
+    """Peak memory of one rollout + one PPO update of a LoRA agent with the reference ``label``.
+
+    The reward is a constant callable, so that the numbers compare the policy and its reference only.
+    """
+    tracker = _MemoryTracker(setup.device)
+    base = setup.copy(setup.policy)
+    separate = setup.copy(setup.policy) if label == "separate_reference" else None
+    agent = ppo_agent(setup, base, lora=True, reference=separate)
+    reference = {
+        "policy_alone": None,
+        "adapter_disabled_reference": AdapterDisabled(agent.policy),
+        "fused_reference": AdapterDisabled(agent.policy, fuse=True),
+        "separate_reference": separate,
+    }[label]
+    with tracker.track():
+        env = make_env(setup, reference, _zero_reward)
+        trajectories = env_rollout(env, agent, setup, seed=setup.settings.seed)
+        agent.learn(trajectories)
+    models = [agent.policy, agent.value_head] + ([separate] if separate is not None else [])
+    result = {"peak_memory_bytes": tracker.increase, "model_bytes": model_bytes(*models)}
+    del agent, env, trajectories, base, separate, reference
+    _release_memory(setup.device)
+    return result
+
+
+def _lora_memory_child(settings: dict[str, Any], label: str) -> dict[str, Any]:
+    """:func:`_lora_memory_setup` in a fresh process (the entry point of the spawned child)."""
+    settings = ThroughputSettings(**settings)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    return _lora_memory_setup(build_setup(settings), label)
+
+
+def _lora_memory(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
+    """LoRA policy alone / + adapter-disabled reference / + fused reference / + separate copy."""
+    isolate = setup.device.type == "cpu" and setup.settings.memory_isolation
+    out: dict[str, Any] = {}
+    for label in MEMORY_SETUPS:
+        if isolate:
+            import multiprocessing
+
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                out[label] = pool.apply(_lora_memory_child, (asdict(setup.settings), label))
+        else:
+            out[label] = _lora_memory_setup(setup, label)
+        log(f"lora-memory {label}: peak {out[label]['peak_memory_bytes'] / 2**20:.0f} MiB")
+    alone = out["policy_alone"]["peak_memory_bytes"]
+    for label in MEMORY_SETUPS[1:]:
+        out[label]["ratio_to_policy_alone"] = out[label]["peak_memory_bytes"] / max(alone, 1)
+    out["memory_measure"] = _memory_measure(setup.device) + (
+        " (each setup in a fresh process)" if isolate else ""
+    )
+    return out
+
+
+def run_throughput(
+    settings: ThroughputSettings, *, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Run the selected variants and return the report (what ``--json`` writes)."""
+    log = log or (lambda message: None)
+    previous_threads = torch.get_num_threads()
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    try:
+        setup = build_setup(settings)
+        variants = settings.variants
+        if variants is None:  # all that apply to the device
+            variants = tuple(v for v in VARIANTS if setup.device.type == "cuda" or v not in CUDA_ONLY)
+        elif setup.device.type != "cuda" and set(variants) & set(CUDA_ONLY):
+            raise ValueError(f"{', '.join(CUDA_ONLY)} need a CUDA device")
+        report: dict[str, Any] = {
+            "settings": {**asdict(settings), "variants": list(variants)},
+            "environment": environment(setup.device),
+            "variants": {},
+            "ratios": {},
+        }
+        rollouts = [name for name in ROLLOUTS if name in variants]
+        if rollouts:
+            report["variants"] = _rollouts(setup, rollouts, log)
+        speed = {name: result["tokens_per_s"] for name, result in report["variants"].items()}
+        for numerator, denominator, label in RATIOS:
+            if numerator in speed and denominator in speed:
+                report["ratios"][label] = speed[numerator] / speed[denominator]
+        if "ppo-update" in variants:
+            report["ppo_update"] = _ppo_update(setup, log)
+        if "lora-memory" in variants:
+            report["lora_memory"] = _lora_memory(setup, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+    loads = [x for r in report["variants"].values() for x in r["other_load"] if x == x]  # skip NaN
+    report["max_other_load"] = max(loads, default=float("nan"))
+    return report
