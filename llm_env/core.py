@@ -253,12 +253,15 @@ class EpisodeBatch:
         return prompts, responses
 
     # ------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, stepping: np.ndarray) -> StepResult:
         """Append ``tokens`` to the rows where ``stepping`` is True and compute their rewards.
 
         Args:
             tokens: (B,) int64 on the device. Rows that do not step may hold anything.
-            logprobs: (B,) float log pi(a_t|s_t) on the device, or None.
+            logprobs: (B,) float log pi(a_t|s_t) on the device, or None. Read as numbers: an agent may
+                pass its policy's output with its autograd graph; the step runs without autograd, so
+                the graph reaches neither the running sums nor the returned rewards.
             stepping: (B,) host bool mask of the rows that take this action.
 
         All checks (action range, log-probabilities, the reward source's output) run before any state

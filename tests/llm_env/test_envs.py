@@ -316,3 +316,26 @@ def test_a_first_reset_of_some_sub_envs_leaves_the_others_waiting(make_vec_env, 
     else:  # with autoreset disabled it waits for an explicit reset, frozen
         assert "_prompt_index" not in info and obs["attention_mask"][1].sum() == 0
     assert rewards[1] == 0.0 and not terminations[1] and not truncations[1]
+
+
+def test_logprobs_that_carry_autograd_are_read_as_numbers(make_vec_env, tokenizer):
+    """An agent may pass its policy's output straight in: the env must not keep (or return) its graph."""
+    envs, twin = make_vec_env(num_envs=2, max_new_tokens=2), make_vec_env(num_envs=2, max_new_tokens=2)
+    envs.reset(seed=0)
+    twin.reset(seed=0)
+    weight = torch.ones(2, requires_grad=True)  # stands in for a policy parameter
+    eos = tokenizer.eos_token_id
+    for tokens in ([5, eos], [6, 7], [8, 9]):  # episodes end on every row along the way
+        raw = torch.tensor([-1.0, -2.0])
+        action = torch.tensor(tokens)
+        out = envs.step(TokenActions(action, raw * weight))
+        expected = twin.step(TokenActions(action, raw))
+        assert not out[1].requires_grad
+        torch.testing.assert_close(out[1], expected[1], atol=0, rtol=0)
+        assert_info_equal(out[4], expected[4])
+    envs.reset(seed=1)  # and later episodes, with bare actions, still end normally
+    for _ in range(2):
+        _, rewards, _, _, info = envs.step(torch.tensor([5, 6]))
+        assert not rewards.requires_grad
+    assert info["_completion"].all()  # both truncated after max_new_tokens = 2
+    assert weight.grad is None
