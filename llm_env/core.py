@@ -177,6 +177,22 @@ class EpisodeBatch:
             self.lm = IncrementalLM(reference, B, L, context=context, cuda_graph=config.cuda_graphs)
         self.ref_logprobs: torch.Tensor | None = None  # (B, V) log pi_ref(. | s_t) of the current states
         self.ready = np.zeros(B, dtype=bool)
+        self.closed = False
+
+    def close(self) -> None:
+        """Release the reference decoder and its cache; every later :meth:`reset_rows` or :meth:`step`
+        raises (without the reference the KL penalty could no longer be paid)."""
+        self.lm = None
+        self.ref_logprobs = None
+        self.closed = True
+
+    def check_open(self) -> None:
+        """Raise if :meth:`close` has been called."""
+        if self.closed:
+            raise RuntimeError(
+                "the environment is closed (close() released its reference model, so it could no longer "
+                "pay the KL penalty): make a new environment"
+            )
 
     # ----------------------------------------------------------------------------------------- prompts
     def prompt_ids(self, index: int) -> np.ndarray:
@@ -186,6 +202,7 @@ class EpisodeBatch:
     # ------------------------------------------------------------------------------------------ state
     def reset_rows(self, rows: np.ndarray, indices: np.ndarray) -> None:
         """Start new episodes in ``rows`` with prompts ``indices`` (host arrays of equal length)."""
+        self.check_open()
         rows = np.asarray(rows, dtype=np.int64)
         indices = np.asarray(indices, dtype=np.int64)
         if rows.size == 0:
@@ -268,6 +285,7 @@ class EpisodeBatch:
         changes, so an exception leaves the batch exactly as it was.
         """
         B = self.num_envs
+        self.check_open()
         if not self.ready[stepping].all():
             raise RuntimeError("step() called before reset(): reset the environment first")
         step_mask = host_to_device(stepping, self.device)

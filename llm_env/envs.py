@@ -194,6 +194,7 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        self.batch.check_open()
         super().reset(seed=seed)
         options = dict(options or {})
         forced = options.pop("prompt_index", None)
@@ -242,6 +243,10 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
         if result.finished.size:
             info["completion"] = _single_completion(result)
         return self.batch.host_observation(0), float(result.reward[0]), terminated, truncated, info
+
+    def close(self) -> None:
+        """Release the reference model's decoder; stepping or resetting afterwards raises."""
+        self.batch.close()
 
     def render(self) -> str | None:
         if self.render_mode != "ansi" or not self.batch.ready[0]:
@@ -402,6 +407,7 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        self.batch.check_open()
         options = dict(options or {})
         mask = options.pop("reset_mask", None)
         forced = options.pop("prompt_indices", None)
@@ -526,5 +532,4 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         return lm.logits_for(observation["input_ids"])
 
     def close_extras(self, **kwargs: Any) -> None:
-        self.batch.lm = None
-        self.batch.ref_logprobs = None
+        self.batch.close()

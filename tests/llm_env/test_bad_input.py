@@ -197,3 +197,24 @@ def test_bad_reset_options(make_env, make_vec_env):
         envs.reset(options={"prompt_indices": np.array([0, 1])})
     obs, info = envs.reset(seed=0)  # still usable
     assert info["_prompt_index"].all()
+
+
+def test_stepping_or_resetting_after_close_raises(make_env, make_vec_env):
+    """close() drops the reference model: a later step would silently pay no KL, so it must raise."""
+    envs = make_vec_env(num_envs=2)
+    envs.reset(seed=0)
+    envs.step(TokenActions(torch.tensor([5, 6]), torch.tensor([-1.0, -1.0])))
+    envs.close()
+    envs.close()  # closing twice is allowed, as Gymnasium requires
+    with pytest.raises(RuntimeError, match="closed"):
+        envs.step(TokenActions(torch.tensor([5, 6]), torch.tensor([-1.0, -1.0])))
+    with pytest.raises(RuntimeError, match="closed"):
+        envs.reset(seed=0)
+    env = make_env()
+    env.reset(seed=0)
+    env.close()
+    env.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        env.step(TokenActions(5, -1.0))
+    with pytest.raises(RuntimeError, match="closed"):
+        env.reset(seed=0)
