@@ -194,19 +194,19 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        # Everything is validated before anything changes, so a reset that raises leaves the env as it was.
         self.batch.check_open()
-        super().reset(seed=seed)
         options = dict(options or {})
         forced = options.pop("prompt_index", None)
         if options:
             raise ValueError(f"unknown reset options {sorted(options)}; the only option is 'prompt_index'")
+        if forced is not None:
+            forced = int(validate_indices([forced], len(self.batch.prompts), "options['prompt_index']")[0])
+        super().reset(seed=seed)
         if seed is not None or not self._seeded:
             self._sampler.restart()
             self._seeded = True
-        if forced is not None:
-            index = int(validate_indices([forced], len(self.batch.prompts), "options['prompt_index']")[0])
-        else:
-            index = self._sampler.next(self.np_random)
+        index = forced if forced is not None else self._sampler.next(self.np_random)
         self.batch.reset_rows(np.array([0]), np.array([index]))
         self._done = False
         return self.batch.host_observation(0), {"prompt_index": index}
@@ -380,7 +380,16 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         self._terminated = np.zeros(num_envs, dtype=bool)
         self._truncated = np.zeros(num_envs, dtype=bool)
 
-    def _seed_rows(self, rows: np.ndarray, seed: int | Sequence[int | None] | None) -> None:
+    def _generators(
+        self, rows: np.ndarray, seed: int | Sequence[int | None] | None
+    ) -> tuple[dict[int, np.random.Generator], tuple[np.random.Generator, int] | None]:
+        """The new prompt-order generators of ``reset(seed=...)``, by row, and the env's own
+        ``(np_random, np_random_seed)`` (None when ``seed`` is None).
+
+        Reset rows take their seed; a row that has never had a generator gets its own seed too (it starts
+        later, by autoreset or a partial reset, and must still be reproducible). Nothing is changed here,
+        so that a reset can validate everything before it changes anything.
+        """
         if seed is None:
             seeds: list[int | None] = [None] * self.num_envs
         elif isinstance(seed, (int, np.integer)):
@@ -392,14 +401,12 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
                     f"a list of seeds must have num_envs={self.num_envs} entries, got {len(seeds)}"
                 )
         selected = set(int(r) for r in rows)
-        for row in range(self.num_envs):
-            # Reset rows take their seed; a row that has never had a generator gets its own seed too (it
-            # starts later, by autoreset or a partial reset, and must still be reproducible).
-            if (row in selected and seeds[row] is not None) or self._rngs[row] is None:
-                self._rngs[row], _ = seeding.np_random(seeds[row])
-                self._samplers[row].restart()
-        if seed is not None:
-            self._np_random, self._np_random_seed = seeding.np_random(seeds[0])
+        generators = {
+            row: seeding.np_random(seeds[row])[0]
+            for row in range(self.num_envs)
+            if (row in selected and seeds[row] is not None) or self._rngs[row] is None
+        }
+        return generators, seeding.np_random(seeds[0]) if seed is not None else None
 
     def _draw(self, rows: np.ndarray) -> np.ndarray:
         return np.array([self._samplers[r].next(self._rngs[r]) for r in rows], dtype=np.int64)
@@ -424,7 +431,6 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
             if not mask.any():
                 raise ValueError("options['reset_mask'] must select at least one sub-environment")
         rows = np.flatnonzero(mask)
-        self._seed_rows(rows, seed)
         if forced is not None:
             forced = validate_indices(forced, len(self.batch.prompts), "options['prompt_indices']")
             if forced.shape == (self.num_envs,):
@@ -434,9 +440,14 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
                     f"options['prompt_indices'] must have shape ({self.num_envs},) or one entry per reset "
                     f"sub-environment ({len(rows)}), got {forced.shape}"
                 )
-            indices = forced
-        else:
-            indices = self._draw(rows)
+        generators, env_rng = self._generators(rows, seed)
+        # Validated: from here on the reset cannot fail on its arguments.
+        for row, generator in generators.items():
+            self._rngs[row] = generator
+            self._samplers[row].restart()
+        if env_rng is not None:
+            self._np_random, self._np_random_seed = env_rng
+        indices = forced if forced is not None else self._draw(rows)
         self.batch.reset_rows(rows, indices)
         self._started = True
         self._ended[rows] = False

@@ -2,6 +2,7 @@
 
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
@@ -218,3 +219,42 @@ def test_stepping_or_resetting_after_close_raises(make_env, make_vec_env):
         env.step(TokenActions(5, -1.0))
     with pytest.raises(RuntimeError, match="closed"):
         env.reset(seed=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"prompt_index": 99}, {"prompt_index": 1.5}, {"prompt_index": 1, "typo": 0}],
+)
+def test_a_failed_reset_changes_nothing(make_env, options):
+    """reset(seed=s, options=bad) raises before re-seeding: the prompt order continues as if never called."""
+    env, twin = make_env(), make_env()
+    env.reset(seed=3)
+    twin.reset(seed=3)
+    with pytest.raises((ValueError, TypeError)):
+        env.reset(seed=7, options=options)
+    for _ in range(7):  # more than one epoch of the 5 prompts
+        assert env.reset()[1]["prompt_index"] == twin.reset()[1]["prompt_index"]
+
+
+@pytest.mark.parametrize(
+    ("seed", "options"),
+    [
+        ([7, 8, 9], {"prompt_indices": [0, 99, 1]}),
+        ([7, 8, 9], {"prompt_indices": [0, 1]}),
+        ([7, 8, 9], {"prompt_indices": [0.0, 1.0, 2.0]}),
+        ([7, 8, 9], {"reset_mask": np.array([True, False]), "prompt_indices": [0, 1]}),
+        ([7, 8, 9], {"prompt_indices": [0, 1, 2], "typo": 0}),
+        ([7, -1, 9], None),  # a bad seed after a good one
+    ],
+)
+def test_a_failed_vector_reset_changes_nothing(make_vec_env, seed, options):
+    envs, twin = make_vec_env(num_envs=3, max_new_tokens=1), make_vec_env(num_envs=3, max_new_tokens=1)
+    envs.reset(seed=3)
+    twin.reset(seed=3)
+    with pytest.raises((ValueError, TypeError, gym.error.Error)):
+        envs.reset(seed=seed, options=options)
+    for _ in range(4):  # autoresets draw from the same prompt orders as the twin's
+        a, b = envs.step(torch.tensor([5, 5, 5])), twin.step(torch.tensor([5, 5, 5]))
+        np.testing.assert_array_equal(a[4].get("prompt_index"), b[4].get("prompt_index"))
+        torch.testing.assert_close(a[0]["input_ids"], b[0]["input_ids"])
+    np.testing.assert_array_equal(envs.reset()[1]["prompt_index"], twin.reset()[1]["prompt_index"])
