@@ -35,6 +35,7 @@ from llm_env.kl import kl_penalty
 from llm_env.models import (
     load_causal_lm,
     load_tokenizer,
+    model_context_length,
     model_device,
     model_vocab_size,
     pad_token_id,
@@ -68,6 +69,29 @@ class StepResult:
     truncated: np.ndarray  # (B,) bool: max_new_tokens reached without a stop token
     finished: np.ndarray  # (n,) rows whose episode ended at this step
     completions: dict[str, np.ndarray]  # per finished row (n,): see EpisodeBatch.COMPLETION_FIELDS
+
+
+def _check_context(
+    reference: torch.nn.Module, prompt_length: int, new_tokens: int, configured: int | None
+) -> None:
+    """Reject a budget that does not fit the reference's context now rather than mid-episode."""
+    context = model_context_length(reference)
+    if context is None or prompt_length + new_tokens <= context[0]:
+        return
+    limit, field = context
+    fixes = []
+    if limit - prompt_length >= 1:
+        fixes.append(f"max_new_tokens to <= {limit - prompt_length}")
+    if limit - new_tokens >= 1:
+        fixes.append(
+            f"max_prompt_length to <= {limit - new_tokens} (longer prompts then need truncation_side)"
+        )
+    inferred = "" if configured is not None else "; max_prompt_length defaults to the longest prompt"
+    raise ValueError(
+        f"max_prompt_length + max_new_tokens = {prompt_length} + {new_tokens} = {prompt_length + new_tokens} "
+        f"tokens exceed the reference model's context of {limit} positions (config.{field}{inferred}): "
+        f"lower {' or '.join(fixes)}"
+    )
 
 
 class EpisodeBatch:
@@ -134,6 +158,8 @@ class EpisodeBatch:
         self.max_prompt_length = config.max_prompt_length or max(len(ids) for ids in self._prompt_ids)
         self.max_new_tokens = config.max_new_tokens
         self.max_length = self.max_prompt_length + self.max_new_tokens
+        if reference is not None:
+            _check_context(reference, self.max_prompt_length, self.max_new_tokens, config.max_prompt_length)
 
         stop = config.stop_token_ids
         if stop is None:

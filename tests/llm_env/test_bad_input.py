@@ -9,7 +9,7 @@ import torch
 
 import llm_env
 from llm_env import TokenActions
-from llm_env.tiny import tiny_gpt2, word_tokenizer
+from llm_env.tiny import tiny_gpt2, tiny_llama, word_tokenizer
 
 PROMPTS = ["the film was", "a great movie"]
 
@@ -258,3 +258,31 @@ def test_a_failed_vector_reset_changes_nothing(make_vec_env, seed, options):
         np.testing.assert_array_equal(a[4].get("prompt_index"), b[4].get("prompt_index"))
         torch.testing.assert_close(a[0]["input_ids"], b[0]["input_ids"])
     np.testing.assert_array_equal(envs.reset()[1]["prompt_index"], twin.reset()[1]["prompt_index"])
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda tok: tiny_gpt2(tok, n_positions=8), "n_positions"),
+        (lambda tok: tiny_llama(tok, max_position_embeddings=8), "max_position_embeddings"),
+    ],
+)
+def test_a_budget_longer_than_the_reference_context_is_rejected_at_construction(
+    tokenizer, reward_fn, build, field
+):
+    reference = build(tokenizer)
+    options = dict(prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn, reference=reference)
+    # max_prompt_length defaults to the longest prompt (3 tokens): 3 + 6 = 9 > 8
+    match = (
+        rf"max_prompt_length \+ max_new_tokens = 3 \+ 6 = 9 tokens exceed the reference model's context "
+        rf"of 8 positions \(config.{field};.*\): lower max_new_tokens to <= 5"
+    )
+    with pytest.raises(ValueError, match=match):
+        llm_env.TextGenEnv(max_new_tokens=6, **options)
+    with pytest.raises(ValueError, match=match):
+        llm_env.TextGenVectorEnv(num_envs=2, max_new_tokens=6, **options)
+    with pytest.raises(ValueError, match=r"4 \+ 6 = 10 .*max_prompt_length to <= 2"):
+        llm_env.TextGenEnv(max_new_tokens=6, max_prompt_length=4, **options)
+    llm_env.TextGenEnv(max_new_tokens=5, **options).reset(seed=0)  # exactly the context fits
+    # Without a reference there is no context to respect.
+    llm_env.TextGenEnv(prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn, max_new_tokens=500)
