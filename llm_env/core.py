@@ -401,5 +401,8 @@ class EpisodeBatch:
                 "has_kl": self.has_logprobs[finished] & (self.ref_logprobs is not None),
             }
         if self.lm is not None:
-            self.ref_logprobs = torch.log_softmax(self.lm.decode(safe).logits, dim=-1)
+            # Only the rows that stepped advance; the others (finished, frozen, waiting) keep their cache
+            # state, and their rows of ref_logprobs are not read before a reset_rows overwrites them.
+            logits = self.lm.decode(safe, advance=stepping).logits
+            self.ref_logprobs = torch.log_softmax(logits, dim=-1)
         return StepResult(reward.float(), is_stop, truncated, finished, completions)
