@@ -136,14 +136,16 @@ class EpisodeBatch:
                 reference = reference.to(self.device)
             if context is None:
                 reference.eval().requires_grad_(False)
-            self.vocab_size = model_vocab_size(reference)
-            if len(self.tokenizer) > self.vocab_size:
+            self.model_vocab_size = model_vocab_size(reference)
+            if len(self.tokenizer) > self.model_vocab_size:
                 raise ValueError(
                     f"the tokenizer has {len(self.tokenizer)} tokens but the reference model's vocabulary has "
-                    f"{self.vocab_size}: the tokenizer and the model do not belong together"
+                    f"{self.model_vocab_size}: the tokenizer and the model do not belong together"
                 )
         else:
-            self.vocab_size = len(self.tokenizer)
+            self.model_vocab_size = len(self.tokenizer)
+        # The actions: every id of the model's output layer, or only the tokenizer's (config.action_vocab).
+        self.vocab_size = len(self.tokenizer) if config.action_vocab == "tokenizer" else self.model_vocab_size
         self.reference = reference
 
         self.prompts = load_prompts(config.prompts, key=config.prompt_key)
@@ -324,9 +326,15 @@ class EpisodeBatch:
         host = torch.stack(checks).cpu().numpy()  # the one device read of a step
         if host[1].any():
             bad = np.flatnonzero(host[1])
+            hint = ""
+            if self.vocab_size < self.model_vocab_size:
+                hint = (
+                    f" (action_vocab='tokenizer': ids {self.vocab_size} to {self.model_vocab_size - 1} of the "
+                    "model decode to no text)"
+                )
             raise ValueError(
                 f"actions out of the vocabulary [0, {self.vocab_size}) at sub-envs {bad.tolist()}: "
-                f"{tokens[torch.from_numpy(bad).to(self.device)].tolist()}"
+                f"{tokens[torch.from_numpy(bad).to(self.device)].tolist()}{hint}"
             )
         if logprobs is not None and host[3].any():
             bad = np.flatnonzero(host[3])

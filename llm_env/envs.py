@@ -26,8 +26,11 @@ _SHARED_DOC = """
     ## Action Space
 
     ``Discrete(V)``: the id of the next token, V being the size of the reference model's output
-    vocabulary (the tokenizer's length without a reference). To report the acting policy's
-    log-probability of the token, pass ``TokenActions(token, logprob)`` instead of the bare id.
+    vocabulary (the tokenizer's length without a reference, or with ``action_vocab="tokenizer"``). To
+    report the acting policy's log-probability of the token, pass ``TokenActions(token, logprob)``
+    instead of the bare id. Many released models pad their output layer beyond the tokenizer: with the
+    default ``action_vocab="model"`` those ids are valid actions that decode to no text (observed and
+    KL-penalised, never seen by the reward model); ``action_vocab="tokenizer"`` rejects them.
 
     ## Observation Space
 
@@ -56,6 +59,13 @@ _SHARED_DOC = """
     * Termination: the action is a stop token (``stop_token_ids``, default the tokenizer's EOS).
     * Truncation: the response reaches ``max_new_tokens`` tokens without a stop token.
 
+    These are the only ends at which the reward model scores the response. ``gymnasium.make(...,
+    max_episode_steps=k)`` wraps the environment in Gymnasium's ``TimeLimit``, which the environment
+    cannot see: with ``k < max_new_tokens`` it truncates episodes that are never scored (no score, no
+    completion info), so set ``max_new_tokens=k`` instead (``k >= max_new_tokens`` never cuts first).
+    ``gymnasium.make_vec`` hands ``max_episode_steps`` to the environment, which rejects it with that
+    advice.
+
     At the end, ``info["completion"]`` holds ``prompt``, ``response`` (texts), ``score`` (reward model),
     ``kl`` (summed estimator, when log-probabilities were given on every step), ``return`` (sum of the
     episode's rewards), ``length`` (response tokens), ``eos`` (ended by a stop token) and
@@ -69,6 +79,12 @@ _SHARED_DOC = """
 
 
 def _make_config(config: EnvConfig | None, kwargs: dict[str, Any]) -> EnvConfig:
+    if "max_episode_steps" in kwargs:  # gymnasium.make_vec hands it to a native vector env
+        raise ValueError(
+            f"max_episode_steps={kwargs['max_episode_steps']!r}: the response budget is max_new_tokens, at which "
+            "the environment truncates the episode and the reward model scores it; pass "
+            "max_new_tokens instead"
+        )
     if config is None:
         return EnvConfig(**kwargs)
     if not isinstance(config, EnvConfig):
@@ -325,7 +341,10 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     :class:`TextGenEnv`. ``reset(options={"prompt_indices": idx})`` forces the prompts (e.g. the same
     prompt in k sub-environments for best-of-k). Info follows Gymnasium 1.x: ``info["completion"]`` is a
     dict of arrays over sub-environments with ``_key`` masks, and ``info["_completion"]`` marks the
-    sub-environments whose episode ended.
+    sub-environments whose episode ended. A sub-environment that does not step (being reset, frozen,
+    waiting) leaves the reference's cache as it is, however long it waits. Gymnasium's numpy vector
+    wrappers (``RecordEpisodeStatistics``, ``NormalizeReward``, ...) go on top of
+    :class:`llm_env.TorchToNumpy`, which returns numpy arrays on the host.
 
     Example::
 
