@@ -329,8 +329,8 @@ class EpisodeBatch:
             hint = ""
             if self.vocab_size < self.model_vocab_size:
                 hint = (
-                    f" (action_vocab='tokenizer': ids {self.vocab_size} to {self.model_vocab_size - 1} of the "
-                    "model decode to no text)"
+                    f" (action_vocab='tokenizer': the model's ids {self.vocab_size} to "
+                    f"{self.model_vocab_size - 1} decode to no text)"
                 )
             raise ValueError(
                 f"actions out of the vocabulary [0, {self.vocab_size}) at sub-envs {bad.tolist()}: "

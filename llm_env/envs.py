@@ -81,8 +81,8 @@ _SHARED_DOC = """
 def _make_config(config: EnvConfig | None, kwargs: dict[str, Any]) -> EnvConfig:
     if "max_episode_steps" in kwargs:  # gymnasium.make_vec hands it to a native vector env
         raise ValueError(
-            f"max_episode_steps={kwargs['max_episode_steps']!r}: the response budget is max_new_tokens, at which "
-            "the environment truncates the episode and the reward model scores it; pass "
+            f"max_episode_steps={kwargs['max_episode_steps']!r}: the response budget is max_new_tokens, "
+            "at which the environment truncates the episode and the reward model scores it; pass "
             "max_new_tokens instead"
         )
     if config is None:

@@ -45,8 +45,9 @@ class TorchToNumpy(VectorWrapper, RecordConstructorArgs):
     Example::
 
         >>> from gymnasium.wrappers.vector import RecordEpisodeStatistics
-        >>> envs = RecordEpisodeStatistics(TorchToNumpy(gymnasium.make_vec("llm_env/TextGen-v0", num_envs=8,
-        ...     prompts=prompts, reference="path/to/sft", reward=scorer)))                      # doctest: +SKIP
+        >>> native = gymnasium.make_vec("llm_env/TextGen-v0", num_envs=8, prompts=prompts,
+        ...                             reference="path/to/sft", reward=scorer)          # doctest: +SKIP
+        >>> envs = RecordEpisodeStatistics(TorchToNumpy(native))                          # doctest: +SKIP
     """
 
     def __init__(self, env: VectorEnv) -> None:
