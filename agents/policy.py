@@ -185,8 +185,10 @@ class TokenSampler:
     def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
         """Tokens and their log-probabilities (under the tempered policy) for the observations ``obs``.
 
-        ``restarted[i]`` marks sub-environments that hold a fresh prompt (after a reset); the others are
-        assumed to have appended the token this sampler returned last time.
+        ``restarted[i]`` marks sub-environments that hold a fresh prompt (after a reset); the others have
+        appended the token this sampler returned last time, or, if their observation did not grow (the
+        environment did not step them), are left as they are. The tokens sampled for rows that do not
+        step are meaningless (the environment ignores them).
         """
         restarted = np.asarray(restarted, dtype=bool)
         self._ensure_cache(obs)
@@ -200,7 +202,12 @@ class TokenSampler:
             self._logits = None  # it was the environment's tensor: never write into it
             self._cache_valid = True
         if self._last is not None and not restarted.all():
-            self._logits = self.lm.decode(self._last).logits
+            # The rows whose observation grew by the token chosen last time take it; restarted rows are
+            # prefilled below, and rows the environment did not step (an episode that just ended, a frozen
+            # row with autoreset disabled, a row waiting for its first reset) keep their cache in place.
+            grown = obs["attention_mask"].to(self.device).sum(dim=1) == self.lm.length + 1
+            advance = grown & ~host_to_device(restarted, self.device)
+            self._logits = self.lm.decode(self._last, advance=advance).logits
         if restarted.any():
             rows = np.flatnonzero(restarted)
             ids = obs["input_ids"][rows].to(self.device)

@@ -6,7 +6,8 @@ environment. ``TextGenEnv`` is the single-episode environment (numpy, for Gymnas
 Stable-Baselines3 tooling); ``TextGenVectorEnv`` steps B episodes on a device with torch tensors.
 
 Registered ids: ``gymnasium.make("llm_env/TextGen-v0", ...)`` and
-``gymnasium.make_vec("llm_env/TextGen-v0", num_envs=B, ...)`` (native vector env).
+``gymnasium.make_vec("llm_env/TextGen-v0", num_envs=B, ...)`` (native vector env; wrap it in
+``TorchToNumpy`` for Gymnasium's numpy vector wrappers such as ``RecordEpisodeStatistics``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llm_env.envs import TextGenEnv, TextGenVectorEnv
 from llm_env.kl import KL_ESTIMATORS, kl_penalty, register_kl_estimator
 from llm_env.prompts import load_prompts
 from llm_env.reward import SequenceClassifierReward
+from llm_env.wrappers import TorchToNumpy
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -33,6 +35,7 @@ __all__ = [
     "TextGenEnv",
     "TextGenVectorEnv",
     "TokenActions",
+    "TorchToNumpy",
     "kl_penalty",
     "load_prompts",
     "register_kl_estimator",

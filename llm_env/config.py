@@ -77,6 +77,13 @@ class EnvConfig:
     truncation_side: Literal["left", "right"] | None = None
     """What to do with a prompt longer than ``max_prompt_length``: keep its end (``"left"``), its start
     (``"right"``), or raise an error (``None``)."""
+    action_vocab: Literal["model", "tokenizer"] = "model"
+    """Which token ids are actions. ``"model"``: every row of the reference's output layer, so with a
+    vocabulary padded beyond the tokenizer (common in released models) ids that decode to no text are
+    valid actions: observed and KL-penalised, but absent from the response the reward model scores.
+    ``"tokenizer"``: only the tokenizer's ``len(tokenizer)`` ids; larger ids are rejected as out of the
+    vocabulary, so an agent sampling from the model's full logits must mask them. Without a reference
+    both mean the tokenizer's ids."""
     stop_token_ids: Sequence[int] | None = None
     """Tokens that terminate an episode; defaults to the tokenizer's EOS token."""
     missing_eos_penalty: float | None = None
@@ -119,6 +126,8 @@ class EnvConfig:
             raise ValueError(f"max_prompt_length must be a positive integer, got {self.max_prompt_length!r}")
         if self.truncation_side not in (None, "left", "right"):
             raise ValueError(f"truncation_side must be 'left', 'right' or None, got {self.truncation_side!r}")
+        if self.action_vocab not in ("model", "tokenizer"):
+            raise ValueError(f"action_vocab must be 'model' or 'tokenizer', got {self.action_vocab!r}")
         if self.prompt_order not in ("shuffle", "sequential"):
             raise ValueError(f"prompt_order must be 'shuffle' or 'sequential', got {self.prompt_order!r}")
         if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):

@@ -35,6 +35,7 @@ from llm_env.kl import kl_penalty
 from llm_env.models import (
     load_causal_lm,
     load_tokenizer,
+    model_context_length,
     model_device,
     model_vocab_size,
     pad_token_id,
@@ -68,6 +69,29 @@ class StepResult:
     truncated: np.ndarray  # (B,) bool: max_new_tokens reached without a stop token
     finished: np.ndarray  # (n,) rows whose episode ended at this step
     completions: dict[str, np.ndarray]  # per finished row (n,): see EpisodeBatch.COMPLETION_FIELDS
+
+
+def _check_context(
+    reference: torch.nn.Module, prompt_length: int, new_tokens: int, configured: int | None
+) -> None:
+    """Reject a budget that does not fit the reference's context now rather than mid-episode."""
+    context = model_context_length(reference)
+    if context is None or prompt_length + new_tokens <= context[0]:
+        return
+    limit, field = context
+    fixes = []
+    if limit - prompt_length >= 1:
+        fixes.append(f"max_new_tokens to <= {limit - prompt_length}")
+    if limit - new_tokens >= 1:
+        fixes.append(
+            f"max_prompt_length to <= {limit - new_tokens} (longer prompts then need truncation_side)"
+        )
+    inferred = "" if configured is not None else "; max_prompt_length defaults to the longest prompt"
+    raise ValueError(
+        f"max_prompt_length + max_new_tokens = {prompt_length} + {new_tokens} = {prompt_length + new_tokens} "
+        f"tokens exceed the reference model's context of {limit} positions (config.{field}{inferred}): "
+        f"lower {' or '.join(fixes)}"
+    )
 
 
 class EpisodeBatch:
@@ -112,14 +136,16 @@ class EpisodeBatch:
                 reference = reference.to(self.device)
             if context is None:
                 reference.eval().requires_grad_(False)
-            self.vocab_size = model_vocab_size(reference)
-            if len(self.tokenizer) > self.vocab_size:
+            self.model_vocab_size = model_vocab_size(reference)
+            if len(self.tokenizer) > self.model_vocab_size:
                 raise ValueError(
                     f"the tokenizer has {len(self.tokenizer)} tokens but the reference model's vocabulary has "
-                    f"{self.vocab_size}: the tokenizer and the model do not belong together"
+                    f"{self.model_vocab_size}: the tokenizer and the model do not belong together"
                 )
         else:
-            self.vocab_size = len(self.tokenizer)
+            self.model_vocab_size = len(self.tokenizer)
+        # The actions: every id of the model's output layer, or only the tokenizer's (config.action_vocab).
+        self.vocab_size = len(self.tokenizer) if config.action_vocab == "tokenizer" else self.model_vocab_size
         self.reference = reference
 
         self.prompts = load_prompts(config.prompts, key=config.prompt_key)
@@ -134,6 +160,8 @@ class EpisodeBatch:
         self.max_prompt_length = config.max_prompt_length or max(len(ids) for ids in self._prompt_ids)
         self.max_new_tokens = config.max_new_tokens
         self.max_length = self.max_prompt_length + self.max_new_tokens
+        if reference is not None:
+            _check_context(reference, self.max_prompt_length, self.max_new_tokens, config.max_prompt_length)
 
         stop = config.stop_token_ids
         if stop is None:
@@ -177,6 +205,22 @@ class EpisodeBatch:
             self.lm = IncrementalLM(reference, B, L, context=context, cuda_graph=config.cuda_graphs)
         self.ref_logprobs: torch.Tensor | None = None  # (B, V) log pi_ref(. | s_t) of the current states
         self.ready = np.zeros(B, dtype=bool)
+        self.closed = False
+
+    def close(self) -> None:
+        """Release the reference decoder and its cache; every later :meth:`reset_rows` or :meth:`step`
+        raises (without the reference the KL penalty could no longer be paid)."""
+        self.lm = None
+        self.ref_logprobs = None
+        self.closed = True
+
+    def check_open(self) -> None:
+        """Raise if :meth:`close` has been called."""
+        if self.closed:
+            raise RuntimeError(
+                "the environment is closed (close() released its reference model, so it could no longer "
+                "pay the KL penalty): make a new environment"
+            )
 
     # ----------------------------------------------------------------------------------------- prompts
     def prompt_ids(self, index: int) -> np.ndarray:
@@ -186,6 +230,7 @@ class EpisodeBatch:
     # ------------------------------------------------------------------------------------------ state
     def reset_rows(self, rows: np.ndarray, indices: np.ndarray) -> None:
         """Start new episodes in ``rows`` with prompts ``indices`` (host arrays of equal length)."""
+        self.check_open()
         rows = np.asarray(rows, dtype=np.int64)
         indices = np.asarray(indices, dtype=np.int64)
         if rows.size == 0:
@@ -253,18 +298,22 @@ class EpisodeBatch:
         return prompts, responses
 
     # ------------------------------------------------------------------------------------------- step
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor, logprobs: torch.Tensor | None, stepping: np.ndarray) -> StepResult:
         """Append ``tokens`` to the rows where ``stepping`` is True and compute their rewards.
 
         Args:
             tokens: (B,) int64 on the device. Rows that do not step may hold anything.
-            logprobs: (B,) float log pi(a_t|s_t) on the device, or None.
+            logprobs: (B,) float log pi(a_t|s_t) on the device, or None. Read as numbers: an agent may
+                pass its policy's output with its autograd graph; the step runs without autograd, so
+                the graph reaches neither the running sums nor the returned rewards.
             stepping: (B,) host bool mask of the rows that take this action.
 
         All checks (action range, log-probabilities, the reward source's output) run before any state
         changes, so an exception leaves the batch exactly as it was.
         """
         B = self.num_envs
+        self.check_open()
         if not self.ready[stepping].all():
             raise RuntimeError("step() called before reset(): reset the environment first")
         step_mask = host_to_device(stepping, self.device)
@@ -277,9 +326,15 @@ class EpisodeBatch:
         host = torch.stack(checks).cpu().numpy()  # the one device read of a step
         if host[1].any():
             bad = np.flatnonzero(host[1])
+            hint = ""
+            if self.vocab_size < self.model_vocab_size:
+                hint = (
+                    f" (action_vocab='tokenizer': the model's ids {self.vocab_size} to "
+                    f"{self.model_vocab_size - 1} decode to no text)"
+                )
             raise ValueError(
                 f"actions out of the vocabulary [0, {self.vocab_size}) at sub-envs {bad.tolist()}: "
-                f"{tokens[torch.from_numpy(bad).to(self.device)].tolist()}"
+                f"{tokens[torch.from_numpy(bad).to(self.device)].tolist()}{hint}"
             )
         if logprobs is not None and host[3].any():
             bad = np.flatnonzero(host[3])
@@ -354,5 +409,8 @@ class EpisodeBatch:
                 "has_kl": self.has_logprobs[finished] & (self.ref_logprobs is not None),
             }
         if self.lm is not None:
-            self.ref_logprobs = torch.log_softmax(self.lm.decode(safe).logits, dim=-1)
+            # Only the rows that stepped advance; the others (finished, frozen, waiting) keep their cache
+            # state, and their rows of ref_logprobs are not read before a reset_rows overwrites them.
+            logits = self.lm.decode(safe, advance=stepping).logits
+            self.ref_logprobs = torch.log_softmax(logits, dim=-1)
         return StepResult(reward.float(), is_stop, truncated, finished, completions)

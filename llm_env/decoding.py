@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from llm_env.models import accepts_kwarg, cache_kwarg, model_device, unwrap_model
+from llm_env.models import accepts_kwarg, cache_kwarg, model_context_length, model_device, unwrap_model
 
 __all__ = [
     "DecodeOutput",
@@ -159,9 +159,14 @@ class IncrementalLM:
         out = lm.prefill(rows, left_padded_ids, lengths)   # logits for the first new token of these rows
         out = lm.decode(next_tokens)                       # (B,) -> logits for the following token
 
-    ``decode`` advances every row; rows that are about to be restarted simply get overwritten by the
-    next ``prefill``. Row lengths are tracked on the host as well as on the device, so building the
-    attention window never reads a value back from the GPU.
+    ``decode`` runs every row through the same static-shape forward pass, but only the rows in ``advance``
+    (all by default) take the token: a row that does not step this turn (finished and about to be
+    restarted, frozen, never started) keeps its length and position, and the key it computes lands in its
+    own next free slot, which its next real token overwrites before anything reads it. So nothing depends
+    on how long a row waits, and no position ever exceeds ``capacity - 1``, which the model's context
+    (``n_positions`` / ``max_position_embeddings``) must hold: a longer capacity is rejected. Row lengths
+    are tracked on the host as well as on the device, so building the attention window never reads a
+    value back from the GPU.
 
     With ``cuda_graph=True`` a decode step has static shapes (attention reads the whole cache window,
     masked per row, instead of the window of the longest row) and is captured once as a CUDA graph, then
@@ -189,9 +194,15 @@ class IncrementalLM:
                 f"IncrementalLM needs an attention implementation that accepts 4-D masks ('sdpa' or 'eager'), "
                 f"but the model uses {attn!r}; load it with attn_implementation='sdpa'"
             )
+        limit = model_context_length(model)
+        if limit is not None and capacity > limit[0]:
+            raise ValueError(
+                f"sequences of up to {capacity} tokens do not fit the model's context of {limit[0]} "
+                f"positions (config.{limit[1]}); shorten the prompts or the responses"
+            )
         self.model = model
         self.batch_size = int(batch_size)
-        self.capacity = int(capacity) + 1  # spare slot for a decode on a row that has just finished
+        self.capacity = int(capacity) + 1  # one spare slot: a decode past the end writes there, never further
         self.device = model_device(model)
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self._context = context or contextlib.nullcontext
@@ -289,36 +300,61 @@ class IncrementalLM:
         self,
         tokens: torch.Tensor,
         *,
+        advance: np.ndarray | torch.Tensor | None = None,
         hidden: bool = False,
         forward_kwargs: Mapping[str, Any] | None = None,
     ) -> DecodeOutput:
-        """Append one token to every row and return the logits for the next one.
+        """Append one token to the rows in ``advance`` and return the logits for the next one.
 
         Args:
             tokens: (B,) token ids on any device.
+            advance: (B,) bool, the rows that take their token (default: all). A row outside it keeps its
+                state (see the class docstring) and its logits and hidden state are meaningless. A host
+                array also keeps the attention window exact; a device tensor costs no host read, but the
+                window is then sized as if every row advanced (masked, so only the cost differs).
             hidden: also return the last hidden state, (B, d).
             forward_kwargs: extra keyword arguments of this forward pass (e.g. peft's ``adapter_names``).
         """
         tokens = tokens.to(self.device).view(self.batch_size, 1)
+        if advance is None:
+            step, grown = 1, np.ones(self.batch_size, dtype=bool)
+        elif isinstance(advance, torch.Tensor):
+            step, grown = advance.to(self.device, torch.long), np.ones(self.batch_size, dtype=bool)
+        else:
+            grown = np.asarray(advance, dtype=bool)
+            step = host_to_device(grown, self.device)
         if self.cuda_graph and not hidden and not forward_kwargs:
             logits = self._graph_step(tokens)
             if logits is not None:
-                self.length += 1
-                np.minimum(self._end + 1, self.capacity - 1, out=self._end)
+                self._advance(step, grown)
                 return DecodeOutput(logits=logits)
-        write = (self.offset + self.length).clamp_(max=self.capacity - 1)
+        write, positions = self._next_slots()
         kv_len = int(min(self._end.max() + 1, self.capacity))
         slots = self._slots[:kv_len]
         mask = (slots[None, :] >= self.offset[:, None]) & (slots[None, :] <= write[:, None])  # (B, kv_len)
         plan = self.cache.plan
         plan.write_index, plan.kv_len = write, kv_len
-        out = self._forward(tokens, mask[:, None, None, :], self.length[:, None], hidden, forward_kwargs)
-        self.length += 1
-        np.minimum(self._end + 1, self.capacity - 1, out=self._end)
+        out = self._forward(tokens, mask[:, None, None, :], positions, hidden, forward_kwargs)
+        self._advance(step, grown)
         return DecodeOutput(
             logits=out.logits[:, -1].float(),
             hidden=out.hidden_states[-1][:, -1] if hidden else None,
         )
+
+    def _next_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) the slot each row's next key goes to and (B, 1) the position of its next token.
+
+        Both stay inside the cache and the model's context even for a row that is full (its episode has
+        ended and it does not advance): the slot is the spare one, the position the last real one.
+        """
+        write = (self.offset + self.length).clamp(max=self.capacity - 1)
+        positions = self.length.clamp(max=self.capacity - 2)[:, None]
+        return write, positions
+
+    def _advance(self, step: torch.Tensor | int, grown: np.ndarray) -> None:
+        """Move the rows that took their token one slot on (device lengths and their host bound)."""
+        self.length += step
+        self._end[grown] = np.minimum(self._end[grown] + 1, self.capacity - 1)
 
     def _full_window_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode with static shapes, without advancing the lengths: (B, 1) tokens -> (B, V) logits.
@@ -327,11 +363,11 @@ class IncrementalLM:
         so nothing depends on host values and the step can be captured. It writes the tokens' keys and
         values at each row's next slot; running it twice writes the same slot twice.
         """
-        write = (self.offset + self.length).clamp(max=self.capacity - 1)
+        write, positions = self._next_slots()
         mask = (self._slots[None, :] >= self.offset[:, None]) & (self._slots[None, :] <= write[:, None])
         plan = self.cache.plan
         plan.write_index, plan.kv_len = write, self.capacity
-        out = self._forward(tokens, mask[:, None, None, :], self.length[:, None], False, None)
+        out = self._forward(tokens, mask[:, None, None, :], positions, False, None)
         return out.logits[:, -1].float()
 
     def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -554,11 +590,13 @@ class FusedDecoder:
         self.observation = None
         return DecodeOutput(logits=out.logits[n:])
 
-    def decode(self, tokens: torch.Tensor) -> DecodeOutput:
-        """Append ``tokens`` (B,) to both halves; returns the reference's next-token logits, (B, V)."""
+    def decode(self, tokens: torch.Tensor, *, advance: np.ndarray | None = None) -> DecodeOutput:
+        """Append ``tokens`` (B,) to both halves, in the rows ``advance`` (host bool, default all; see
+        :meth:`IncrementalLM.decode`); returns the reference's next-token logits, (B, V)."""
         tokens = tokens.to(self.device)
+        both = None if advance is None else np.concatenate([advance, advance])
         out = self.lm.decode(
-            torch.cat([tokens, tokens]), forward_kwargs=self._forward_kwargs(self.batch_size)
+            torch.cat([tokens, tokens]), advance=both, forward_kwargs=self._forward_kwargs(self.batch_size)
         )
         self.policy_logits = out.logits[: self.batch_size]
         self.observation = None

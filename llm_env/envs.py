@@ -26,8 +26,11 @@ _SHARED_DOC = """
     ## Action Space
 
     ``Discrete(V)``: the id of the next token, V being the size of the reference model's output
-    vocabulary (the tokenizer's length without a reference). To report the acting policy's
-    log-probability of the token, pass ``TokenActions(token, logprob)`` instead of the bare id.
+    vocabulary (the tokenizer's length without a reference, or with ``action_vocab="tokenizer"``). To
+    report the acting policy's log-probability of the token, pass ``TokenActions(token, logprob)``
+    instead of the bare id. Many released models pad their output layer beyond the tokenizer: with the
+    default ``action_vocab="model"`` those ids are valid actions that decode to no text (observed and
+    KL-penalised, never seen by the reward model); ``action_vocab="tokenizer"`` rejects them.
 
     ## Observation Space
 
@@ -56,6 +59,13 @@ _SHARED_DOC = """
     * Termination: the action is a stop token (``stop_token_ids``, default the tokenizer's EOS).
     * Truncation: the response reaches ``max_new_tokens`` tokens without a stop token.
 
+    These are the only ends at which the reward model scores the response. ``gymnasium.make(...,
+    max_episode_steps=k)`` wraps the environment in Gymnasium's ``TimeLimit``, which the environment
+    cannot see: with ``k < max_new_tokens`` it truncates episodes that are never scored (no score, no
+    completion info), so set ``max_new_tokens=k`` instead (``k >= max_new_tokens`` never cuts first).
+    ``gymnasium.make_vec`` hands ``max_episode_steps`` to the environment, which rejects it with that
+    advice.
+
     At the end, ``info["completion"]`` holds ``prompt``, ``response`` (texts), ``score`` (reward model),
     ``kl`` (summed estimator, when log-probabilities were given on every step), ``return`` (sum of the
     episode's rewards), ``length`` (response tokens), ``eos`` (ended by a stop token) and
@@ -69,6 +79,12 @@ _SHARED_DOC = """
 
 
 def _make_config(config: EnvConfig | None, kwargs: dict[str, Any]) -> EnvConfig:
+    if "max_episode_steps" in kwargs:  # gymnasium.make_vec hands it to a native vector env
+        raise ValueError(
+            f"max_episode_steps={kwargs['max_episode_steps']!r}: the response budget is max_new_tokens, "
+            "at which the environment truncates the episode and the reward model scores it; pass "
+            "max_new_tokens instead"
+        )
     if config is None:
         return EnvConfig(**kwargs)
     if not isinstance(config, EnvConfig):
@@ -194,18 +210,19 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        super().reset(seed=seed)
+        # Everything is validated before anything changes, so a reset that raises leaves the env as it was.
+        self.batch.check_open()
         options = dict(options or {})
         forced = options.pop("prompt_index", None)
         if options:
             raise ValueError(f"unknown reset options {sorted(options)}; the only option is 'prompt_index'")
+        if forced is not None:
+            forced = int(validate_indices([forced], len(self.batch.prompts), "options['prompt_index']")[0])
+        super().reset(seed=seed)
         if seed is not None or not self._seeded:
             self._sampler.restart()
             self._seeded = True
-        if forced is not None:
-            index = int(validate_indices([forced], len(self.batch.prompts), "options['prompt_index']")[0])
-        else:
-            index = self._sampler.next(self.np_random)
+        index = forced if forced is not None else self._sampler.next(self.np_random)
         self.batch.reset_rows(np.array([0]), np.array([index]))
         self._done = False
         return self.batch.host_observation(0), {"prompt_index": index}
@@ -242,6 +259,10 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
         if result.finished.size:
             info["completion"] = _single_completion(result)
         return self.batch.host_observation(0), float(result.reward[0]), terminated, truncated, info
+
+    def close(self) -> None:
+        """Release the reference model's decoder; stepping or resetting afterwards raises."""
+        self.batch.close()
 
     def render(self) -> str | None:
         if self.render_mode != "ansi" or not self.batch.ready[0]:
@@ -320,7 +341,10 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     :class:`TextGenEnv`. ``reset(options={"prompt_indices": idx})`` forces the prompts (e.g. the same
     prompt in k sub-environments for best-of-k). Info follows Gymnasium 1.x: ``info["completion"]`` is a
     dict of arrays over sub-environments with ``_key`` masks, and ``info["_completion"]`` marks the
-    sub-environments whose episode ended.
+    sub-environments whose episode ended. A sub-environment that does not step (being reset, frozen,
+    waiting) leaves the reference's cache as it is, however long it waits. Gymnasium's numpy vector
+    wrappers (``RecordEpisodeStatistics``, ``NormalizeReward``, ...) go on top of
+    :class:`llm_env.TorchToNumpy`, which returns numpy arrays on the host.
 
     Example::
 
@@ -375,7 +399,16 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         self._terminated = np.zeros(num_envs, dtype=bool)
         self._truncated = np.zeros(num_envs, dtype=bool)
 
-    def _seed_rows(self, rows: np.ndarray, seed: int | Sequence[int | None] | None) -> None:
+    def _generators(
+        self, rows: np.ndarray, seed: int | Sequence[int | None] | None
+    ) -> tuple[dict[int, np.random.Generator], tuple[np.random.Generator, int] | None]:
+        """The new prompt-order generators of ``reset(seed=...)``, by row, and the env's own
+        ``(np_random, np_random_seed)`` (None when ``seed`` is None).
+
+        Reset rows take their seed; a row that has never had a generator gets its own seed too (it starts
+        later, by autoreset or a partial reset, and must still be reproducible). Nothing is changed here,
+        so that a reset can validate everything before it changes anything.
+        """
         if seed is None:
             seeds: list[int | None] = [None] * self.num_envs
         elif isinstance(seed, (int, np.integer)):
@@ -387,14 +420,12 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
                     f"a list of seeds must have num_envs={self.num_envs} entries, got {len(seeds)}"
                 )
         selected = set(int(r) for r in rows)
-        for row in range(self.num_envs):
-            # Reset rows take their seed; a row that has never had a generator gets its own seed too (it
-            # starts later, by autoreset or a partial reset, and must still be reproducible).
-            if (row in selected and seeds[row] is not None) or self._rngs[row] is None:
-                self._rngs[row], _ = seeding.np_random(seeds[row])
-                self._samplers[row].restart()
-        if seed is not None:
-            self._np_random, self._np_random_seed = seeding.np_random(seeds[0])
+        generators = {
+            row: seeding.np_random(seeds[row])[0]
+            for row in range(self.num_envs)
+            if (row in selected and seeds[row] is not None) or self._rngs[row] is None
+        }
+        return generators, seeding.np_random(seeds[0]) if seed is not None else None
 
     def _draw(self, rows: np.ndarray) -> np.ndarray:
         return np.array([self._samplers[r].next(self._rngs[r]) for r in rows], dtype=np.int64)
@@ -402,6 +433,7 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        self.batch.check_open()
         options = dict(options or {})
         mask = options.pop("reset_mask", None)
         forced = options.pop("prompt_indices", None)
@@ -418,7 +450,6 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
             if not mask.any():
                 raise ValueError("options['reset_mask'] must select at least one sub-environment")
         rows = np.flatnonzero(mask)
-        self._seed_rows(rows, seed)
         if forced is not None:
             forced = validate_indices(forced, len(self.batch.prompts), "options['prompt_indices']")
             if forced.shape == (self.num_envs,):
@@ -428,9 +459,14 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
                     f"options['prompt_indices'] must have shape ({self.num_envs},) or one entry per reset "
                     f"sub-environment ({len(rows)}), got {forced.shape}"
                 )
-            indices = forced
-        else:
-            indices = self._draw(rows)
+        generators, env_rng = self._generators(rows, seed)
+        # Validated: from here on the reset cannot fail on its arguments.
+        for row, generator in generators.items():
+            self._rngs[row] = generator
+            self._samplers[row].restart()
+        if env_rng is not None:
+            self._np_random, self._np_random_seed = env_rng
+        indices = forced if forced is not None else self._draw(rows)
         self.batch.reset_rows(rows, indices)
         self._started = True
         self._ended[rows] = False
@@ -526,5 +562,4 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         return lm.logits_for(observation["input_ids"])
 
     def close_extras(self, **kwargs: Any) -> None:
-        self.batch.lm = None
-        self.batch.ref_logprobs = None
+        self.batch.close()

@@ -28,6 +28,7 @@ __all__ = [
     "load_causal_lm",
     "load_sequence_classifier",
     "load_tokenizer",
+    "model_context_length",
     "model_device",
     "model_vocab_size",
     "pad_token_id",
@@ -94,6 +95,23 @@ def model_vocab_size(model: nn.Module) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(unwrap_model(model).config.vocab_size)
+
+
+def model_context_length(model: nn.Module) -> tuple[int, str] | None:
+    """The longest sequence ``model`` is built for and the config field that says so, or None.
+
+    GPT-2-style models learn one position embedding per position (``n_positions``), so a longer sequence
+    indexes past the table (an IndexError on CPU, a device-side assert on CUDA). Rotary models
+    (``max_position_embeddings``) compute positions instead, but were trained up to this length and a
+    dynamic or long RoPE scaling switches frequencies for the whole batch beyond it, so it is a limit too.
+    """
+    config = unwrap_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("n_positions", "max_position_embeddings"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
 
 
 def cache_kwarg(model: nn.Module) -> str:

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from llm_env.models import (
     load_sequence_classifier,
     load_tokenizer,
+    model_context_length,
     model_device,
     model_vocab_size,
     pad_token_id,
@@ -178,9 +179,8 @@ class SequenceClassifierReward:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        config = unwrap_model(model).config
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        self.max_length = max_length or limit
+        context = model_context_length(model)
+        self.max_length = max_length or (context[0] if context is not None else None)
         self.pad_id = pad_token_id(tokenizer)
         self.stats = stats
         self.whiten = whiten

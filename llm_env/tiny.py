@@ -8,6 +8,7 @@ Saved with ``save_pretrained`` and loaded back by path, they exercise the same l
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -79,8 +80,10 @@ def tiny_gpt2(
     n_positions: int = 256,
     seed: int = 0,
     classifier: bool = False,
+    **config_fields: Any,
 ) -> PreTrainedModel:
-    """A GPT-2-shaped causal LM (or a one-label sequence classifier) sized to ``tokenizer``."""
+    """A GPT-2-shaped causal LM (or a one-label sequence classifier) sized to ``tokenizer``; ``config_fields``
+    are passed on to ``GPT2Config``."""
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_layer=n_layer,
@@ -89,6 +92,7 @@ def tiny_gpt2(
         n_positions=n_positions,
         num_labels=1,
         **_ids(tokenizer),
+        **config_fields,
     )
     torch.manual_seed(seed)
     model = GPT2ForSequenceClassification(config) if classifier else GPT2LMHeadModel(config)
@@ -106,8 +110,10 @@ def tiny_llama(
     max_position_embeddings: int = 256,
     seed: int = 0,
     classifier: bool = False,
+    **config_fields: Any,
 ) -> PreTrainedModel:
-    """A Llama-shaped causal LM (GQA, RoPE, RMSNorm) sized to ``tokenizer`` (MLP width default 2x hidden)."""
+    """A Llama-shaped causal LM (GQA, RoPE, RMSNorm) sized to ``tokenizer`` (MLP width default 2x hidden);
+    ``config_fields`` (e.g. ``rope_parameters``) are passed on to ``LlamaConfig``."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -118,6 +124,7 @@ def tiny_llama(
         max_position_embeddings=max_position_embeddings,
         num_labels=1,
         **_ids(tokenizer),
+        **config_fields,
     )
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config) if classifier else LlamaForCausalLM(config)

@@ -108,3 +108,68 @@ def test_disabled_mode_env_is_usable_for_sampling(tokenizer, task_prompts, task_
     assert torch.equal(
         sampler2.act(obs2, np.ones(2, dtype=bool)).tokens, first.tokens
     )  # greedy is deterministic
+
+
+def tight_policy(arch, tokenizer, context):
+    """A policy whose context is exactly the observation length (see tests/llm_env/test_frozen_rows.py)."""
+    if arch == "gpt2":
+        return tiny_gpt2(tokenizer, seed=5, n_positions=context)
+    return tiny_llama(
+        tokenizer,
+        seed=5,
+        max_position_embeddings=context,
+        initializer_range=0.2,
+        rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    )
+
+
+def assert_logprobs_match_full_forward(policy, obs, action, rows):
+    for row in rows:
+        length = int(obs["attention_mask"][row].sum())
+        expected = full_forward_logprob(policy, obs["input_ids"][row, :length], int(action.tokens[row]))
+        assert float(action.logprobs[row]) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampler_does_not_decode_rows_the_env_resets(arch, tokenizer, task_prompts, task_reward):
+    """NEXT_STEP: a row that ended is reset one step later; the sampler must not decode it past its end."""
+    env = llm_env.TextGenVectorEnv(
+        num_envs=3, prompts=task_prompts, tokenizer=tokenizer, reward=task_reward, max_new_tokens=3
+    )
+    policy = tight_policy(arch, tokenizer, env.max_length)
+    sampler = TokenSampler(policy, generator=torch.Generator().manual_seed(0))
+    restarted = np.array([True, False, True])  # row 1 starts one step later: the rows' episodes interleave
+    obs, _ = env.reset(seed=0, options={"reset_mask": restarted})
+    for _ in range(12):
+        action = sampler.act(obs, restarted)
+        assert_logprobs_match_full_forward(policy, obs, action, np.flatnonzero(obs["attention_mask"].sum(1)))
+        obs, _, _, _, info = env.step(action)
+        restarted = info.get("_prompt_index", np.zeros(3, dtype=bool))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampler_keeps_frozen_rows_in_place(arch, tokenizer, task_prompts, task_reward):
+    """DISABLED: a finished row waits (here 10 steps) for its reset while the other row keeps going."""
+    env = llm_env.TextGenVectorEnv(
+        num_envs=2, prompts=task_prompts, tokenizer=tokenizer, reward=task_reward, max_new_tokens=3,
+        autoreset_mode=AutoresetMode.DISABLED,
+    )  # fmt: skip
+    policy = tight_policy(arch, tokenizer, env.max_length)
+    sampler = TokenSampler(policy, generator=torch.Generator().manual_seed(0))
+    obs, _ = env.reset(seed=0)
+    restarted, running = np.ones(2, dtype=bool), np.ones(2, dtype=bool)
+    frozen_length = None
+    for step in range(16):
+        action = sampler.act(obs, restarted)
+        assert_logprobs_match_full_forward(policy, obs, action, np.flatnonzero(running))
+        if running[0]:
+            frozen_length = None
+        else:  # the frozen row's cache does not move while it waits
+            frozen_length = int(sampler.lm.length[0]) if frozen_length is None else frozen_length
+            assert int(sampler.lm.length[0]) == frozen_length == int(obs["attention_mask"][0].sum())
+        obs, _, terminations, truncations, _ = env.step(action)
+        running &= ~(terminations | truncations).numpy()
+        restarted = np.array([step == 12, not running[1]])  # row 1 restarts at once, row 0 much later
+        if restarted.any():
+            obs, _ = env.reset(options={"reset_mask": restarted})
+            running |= restarted

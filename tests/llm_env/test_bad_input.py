@@ -2,13 +2,14 @@
 
 import json
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
 import llm_env
 from llm_env import TokenActions
-from llm_env.tiny import tiny_gpt2, word_tokenizer
+from llm_env.tiny import tiny_gpt2, tiny_llama, word_tokenizer
 
 PROMPTS = ["the film was", "a great movie"]
 
@@ -197,3 +198,91 @@ def test_bad_reset_options(make_env, make_vec_env):
         envs.reset(options={"prompt_indices": np.array([0, 1])})
     obs, info = envs.reset(seed=0)  # still usable
     assert info["_prompt_index"].all()
+
+
+def test_stepping_or_resetting_after_close_raises(make_env, make_vec_env):
+    """close() drops the reference model: a later step would silently pay no KL, so it must raise."""
+    envs = make_vec_env(num_envs=2)
+    envs.reset(seed=0)
+    envs.step(TokenActions(torch.tensor([5, 6]), torch.tensor([-1.0, -1.0])))
+    envs.close()
+    envs.close()  # closing twice is allowed, as Gymnasium requires
+    with pytest.raises(RuntimeError, match="closed"):
+        envs.step(TokenActions(torch.tensor([5, 6]), torch.tensor([-1.0, -1.0])))
+    with pytest.raises(RuntimeError, match="closed"):
+        envs.reset(seed=0)
+    env = make_env()
+    env.reset(seed=0)
+    env.close()
+    env.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        env.step(TokenActions(5, -1.0))
+    with pytest.raises(RuntimeError, match="closed"):
+        env.reset(seed=0)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"prompt_index": 99}, {"prompt_index": 1.5}, {"prompt_index": 1, "typo": 0}],
+)
+def test_a_failed_reset_changes_nothing(make_env, options):
+    """reset(seed=s, options=bad) raises before re-seeding: the prompt order continues as if never called."""
+    env, twin = make_env(), make_env()
+    env.reset(seed=3)
+    twin.reset(seed=3)
+    with pytest.raises((ValueError, TypeError)):
+        env.reset(seed=7, options=options)
+    for _ in range(7):  # more than one epoch of the 5 prompts
+        assert env.reset()[1]["prompt_index"] == twin.reset()[1]["prompt_index"]
+
+
+@pytest.mark.parametrize(
+    ("seed", "options"),
+    [
+        ([7, 8, 9], {"prompt_indices": [0, 99, 1]}),
+        ([7, 8, 9], {"prompt_indices": [0, 1]}),
+        ([7, 8, 9], {"prompt_indices": [0.0, 1.0, 2.0]}),
+        ([7, 8, 9], {"reset_mask": np.array([True, False]), "prompt_indices": [0, 1]}),
+        ([7, 8, 9], {"prompt_indices": [0, 1, 2], "typo": 0}),
+        ([7, -1, 9], None),  # a bad seed after a good one
+    ],
+)
+def test_a_failed_vector_reset_changes_nothing(make_vec_env, seed, options):
+    envs, twin = make_vec_env(num_envs=3, max_new_tokens=1), make_vec_env(num_envs=3, max_new_tokens=1)
+    envs.reset(seed=3)
+    twin.reset(seed=3)
+    with pytest.raises((ValueError, TypeError, gym.error.Error)):
+        envs.reset(seed=seed, options=options)
+    for _ in range(4):  # autoresets draw from the same prompt orders as the twin's
+        a, b = envs.step(torch.tensor([5, 5, 5])), twin.step(torch.tensor([5, 5, 5]))
+        np.testing.assert_array_equal(a[4].get("prompt_index"), b[4].get("prompt_index"))
+        torch.testing.assert_close(a[0]["input_ids"], b[0]["input_ids"])
+    np.testing.assert_array_equal(envs.reset()[1]["prompt_index"], twin.reset()[1]["prompt_index"])
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda tok: tiny_gpt2(tok, n_positions=8), "n_positions"),
+        (lambda tok: tiny_llama(tok, max_position_embeddings=8), "max_position_embeddings"),
+    ],
+)
+def test_a_budget_longer_than_the_reference_context_is_rejected_at_construction(
+    tokenizer, reward_fn, build, field
+):
+    reference = build(tokenizer)
+    options = dict(prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn, reference=reference)
+    # max_prompt_length defaults to the longest prompt (3 tokens): 3 + 6 = 9 > 8
+    match = (
+        rf"max_prompt_length \+ max_new_tokens = 3 \+ 6 = 9 tokens exceed the reference model's context "
+        rf"of 8 positions \(config.{field};.*\): lower max_new_tokens to <= 5"
+    )
+    with pytest.raises(ValueError, match=match):
+        llm_env.TextGenEnv(max_new_tokens=6, **options)
+    with pytest.raises(ValueError, match=match):
+        llm_env.TextGenVectorEnv(num_envs=2, max_new_tokens=6, **options)
+    with pytest.raises(ValueError, match=r"4 \+ 6 = 10 .*max_prompt_length to <= 2"):
+        llm_env.TextGenEnv(max_new_tokens=6, max_prompt_length=4, **options)
+    llm_env.TextGenEnv(max_new_tokens=5, **options).reset(seed=0)  # exactly the context fits
+    # Without a reference there is no context to respect.
+    llm_env.TextGenEnv(prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn, max_new_tokens=500)

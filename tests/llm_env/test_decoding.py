@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from llm_env.decoding import IncrementalLM, left_pad
+from llm_env.tiny import tiny_gpt2, tiny_llama
 
 
 def full_logits(model, tokens):
@@ -67,3 +68,50 @@ def test_flash_attention_is_rejected_with_advice(gpt2):
             IncrementalLM(gpt2, 1, capacity=4)
     finally:
         gpt2.config._attn_implementation = original
+
+
+def tight_model(arch, tokenizer, context):
+    if arch == "gpt2":
+        return tiny_gpt2(tokenizer, seed=1, n_positions=context)
+    return tiny_llama(tokenizer, seed=3, max_position_embeddings=context)
+
+
+@pytest.mark.parametrize("kind", ["host", "device"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rows_outside_advance_stay_in_place_however_long_they_wait(arch, kind, tokenizer):
+    """decode(advance=mask): a row outside the mask keeps its length and cache, even when it is full."""
+    capacity = 8
+    model = tight_model(arch, tokenizer, capacity)  # a context of exactly the capacity
+    rng = np.random.default_rng(0)
+    for wait in (1, 20):
+        seqs = [[5, 6, 7], [8, 9]]
+        lm = IncrementalLM(model, 2, capacity=capacity)
+        ids, lengths = left_pad([np.array(s) for s in seqs], pad_id=0, device="cpu")
+        lm.prefill(np.arange(2), ids, lengths)
+        for _ in range(wait):  # row 1 waits; row 0 advances until it is full, then waits too
+            mask = np.array([len(seqs[0]) < capacity, False])
+            tokens = rng.integers(0, len(tokenizer), size=2)
+            out = lm.decode(
+                torch.as_tensor(tokens), advance=mask if kind == "host" else torch.as_tensor(mask)
+            )
+            if mask[0]:
+                seqs[0].append(int(tokens[0]))
+                torch.testing.assert_close(out.logits[0], full_logits(model, seqs[0]), atol=1e-5, rtol=1e-5)
+            assert lm.length.tolist() == [len(seqs[0]), 2]
+        for _ in range(4):  # now row 1 resumes exactly where it stopped
+            tokens = rng.integers(0, len(tokenizer), size=2)
+            mask = np.array([False, True])
+            out = lm.decode(
+                torch.as_tensor(tokens), advance=mask if kind == "host" else torch.as_tensor(mask)
+            )
+            seqs[1].append(int(tokens[1]))
+            torch.testing.assert_close(out.logits[1], full_logits(model, seqs[1]), atol=1e-5, rtol=1e-5)
+        assert lm.length.tolist() == [len(seqs[0]), 6]
+
+
+def test_a_capacity_beyond_the_model_context_is_rejected(tokenizer):
+    with pytest.raises(
+        ValueError, match=r"9 tokens do not fit the model's context of 8 positions \(config.n_positions\)"
+    ):
+        IncrementalLM(tiny_gpt2(tokenizer, n_positions=8), 1, capacity=9)
+    IncrementalLM(tiny_gpt2(tokenizer, n_positions=8), 1, capacity=8)

@@ -316,3 +316,85 @@ def test_a_first_reset_of_some_sub_envs_leaves_the_others_waiting(make_vec_env, 
     else:  # with autoreset disabled it waits for an explicit reset, frozen
         assert "_prompt_index" not in info and obs["attention_mask"][1].sum() == 0
     assert rewards[1] == 0.0 and not terminations[1] and not truncations[1]
+
+
+def test_logprobs_that_carry_autograd_are_read_as_numbers(make_vec_env, tokenizer):
+    """An agent may pass its policy's output straight in: the env must not keep (or return) its graph."""
+    envs, twin = make_vec_env(num_envs=2, max_new_tokens=2), make_vec_env(num_envs=2, max_new_tokens=2)
+    envs.reset(seed=0)
+    twin.reset(seed=0)
+    weight = torch.ones(2, requires_grad=True)  # stands in for a policy parameter
+    eos = tokenizer.eos_token_id
+    for tokens in ([5, eos], [6, 7], [8, 9]):  # episodes end on every row along the way
+        raw = torch.tensor([-1.0, -2.0])
+        action = torch.tensor(tokens)
+        out = envs.step(TokenActions(action, raw * weight))
+        expected = twin.step(TokenActions(action, raw))
+        assert not out[1].requires_grad
+        torch.testing.assert_close(out[1], expected[1], atol=0, rtol=0)
+        assert_info_equal(out[4], expected[4])
+    envs.reset(seed=1)  # and later episodes, with bare actions, still end normally
+    for _ in range(2):
+        _, rewards, _, _, info = envs.step(torch.tensor([5, 6]))
+        assert not rewards.requires_grad
+    assert info["_completion"].all()  # both truncated after max_new_tokens = 2
+    assert weight.grad is None
+
+
+def padded_vocab_reference(tokenizer, extra=8):
+    """A reference whose output layer is padded beyond the tokenizer, as many released models are."""
+    model = tiny_gpt2(tokenizer, seed=1)
+    model.resize_token_embeddings(len(tokenizer) + extra)
+    return model
+
+
+def test_ids_beyond_the_tokenizer_are_actions_that_decode_to_no_text(make_env, tokenizer):
+    """action_vocab="model" (the default): every row of the model's output layer is an action."""
+    env = make_env(reference=padded_vocab_reference(tokenizer), max_new_tokens=2)
+    assert env.action_space == gym.spaces.Discrete(len(tokenizer) + 8)
+    obs, _ = env.reset(seed=0, options={"prompt_index": 0})
+    padding_id = len(tokenizer) + 3
+    obs, reward, *_ = env.step(padding_id)
+    assert obs["input_ids"][3] == padding_id and reward < 0  # observed, and the reference's log-prob paid
+    *_, info = env.step(tokenizer.convert_tokens_to_ids("good"))
+    assert info["completion"]["response"].split() == ["good"]  # but the reward model never sees it
+
+
+def test_action_vocab_tokenizer_rejects_ids_the_tokenizer_cannot_decode(make_env, make_vec_env, tokenizer):
+    reference = padded_vocab_reference(tokenizer)
+    env = make_env(reference=reference, action_vocab="tokenizer")
+    assert env.action_space == gym.spaces.Discrete(len(tokenizer))
+    assert env.observation_space["input_ids"].high.max() == len(tokenizer) - 1
+    env.reset(seed=0)
+    with pytest.raises(
+        ValueError, match=rf"out of the vocabulary \[0, {len(tokenizer)}\).*action_vocab='tokenizer'"
+    ):
+        env.step(len(tokenizer) + 3)
+    env.step(5)  # and the env is still usable
+    envs = make_vec_env(num_envs=2, reference=reference, action_vocab="tokenizer")
+    envs.reset(seed=0)
+    with pytest.raises(ValueError, match=r"sub-envs \[1\]"):
+        envs.step(torch.tensor([5, len(tokenizer)]))
+    with pytest.raises(ValueError, match="action_vocab"):
+        make_env(action_vocab="vocab")
+
+
+def test_a_time_limit_shorter_than_max_new_tokens_cuts_before_the_reward_model_pays(
+    tokenizer, gpt2, reward_fn
+):
+    """Documented sharp edge: gymnasium.make's max_episode_steps is a TimeLimit outside the env."""
+    env = made(tokenizer, gpt2, reward_fn, max_episode_steps=2)  # max_new_tokens=4
+    env.reset(seed=0)
+    env.step(5)
+    _, _, terminated, truncated, info = env.step(6)
+    assert truncated and not terminated and "completion" not in info  # cut, never scored
+    env = made(tokenizer, gpt2, reward_fn, max_episode_steps=4)  # equal to max_new_tokens: harmless
+    env.reset(seed=0)
+    for token in (5, 6, 7, 8):
+        _, _, _, truncated, info = env.step(token)
+    assert truncated and "score" in info["completion"]
+    with pytest.raises(ValueError, match="max_new_tokens"):  # make_vec hands it to the env: say what to use
+        gym.make_vec(
+            "llm_env/TextGen-v0", num_envs=2, prompts=PROMPTS, tokenizer=tokenizer, reward=reward_fn,
+            max_episode_steps=2,
+        )  # fmt: skip
