@@ -1,0 +1,125 @@
+"""The teaching examples (PPO and GRPO written from scratch against the Gym API): their advantages by
+hand, their teacher-forced log-probabilities against the ones they act with, and, end to end, that they
+raise the proxy reward model's score on the benchmark's tiny review task and change nothing without a
+gradient.
+
+Each example evaluates before and after training on the same held-out prompts with the same sampling
+seed, so an untrained policy scores exactly the same twice: any gain comes from learning.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+from rlhf_bench.leaderboard import BenchmarkSettings, build_artifacts
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# Few updates on toy sizes; the learning rate is raised for the 32-wide tiny policy. The proxy gains
+# 0.6-1.0 (seeds 0 and 1); with the policy gradient's sign flipped it falls by 0.1-0.4, with lr = 0 by 0.
+COMMON = ["--updates", "10", "--num-envs", "32", "--minibatch-size", "8", "--lr", "1e-3"]
+COMMON += ["--eval-samples", "4"]  # 16 held-out prompts x 4 answers
+ARGS = {"ppo_from_scratch": COMMON, "grpo_from_scratch": [*COMMON, "--group-size", "4"]}
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` (the examples are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PROMPTS = ["the film was", "a great movie", "i liked the", "this book is", "the food was cold and"]
+ppo, grpo = load_example("ppo_from_scratch"), load_example("grpo_from_scratch")
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[-0.1, -0.1, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.2, 0.4, 0.6], [1.0, 0.5, 9.0]])  # 9.0 lies past the end of answer 2
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = ppo.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # Answer 1: deltas 0.4, 0.1, 0.1 from the end; A_1 = 0.1 + 0.5 * 0.4, A_0 = 0.1 + 0.5 * 0.3.
+    # Answer 2: V = 0 after its last token: delta_1 = 2 - 0.5, delta_0 = 0 + 0.5 - 1; A_0 = -0.5 + 0.5 * 1.5.
+    torch.testing.assert_close(advantages, torch.tensor([[0.25, 0.3, 0.4], [0.25, 1.5, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.45, 0.7, 1.0], [1.25, 2.0, 0.0]]))
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([1.0, 3.0, 0.5, 0.5])  # two prompts, G = 2
+    advantages = grpo.group_advantages(scores, 2)
+    # Group 1: mean 2, sample std sqrt(2); group 2: all equal, nothing to learn.
+    expected = [-1 / (2**0.5 + 1e-4), 1 / (2**0.5 + 1e-4), 0.0, 0.0]
+    assert advantages.tolist() == pytest.approx(expected)
+
+
+def test_teacher_forced_logprobs_are_the_ones_the_examples_act_with(saved_gpt2, reward_fn):
+    """One pass over the final observations gives back, token by token, the log-probabilities sent to the
+    environment while acting: the position arithmetic (state s_t ends at prompt_len + t - 1) is right."""
+    envs = gym.make_vec(
+        "llm_env/TextGen-v0",
+        num_envs=4,
+        prompts=PROMPTS,
+        reference=str(saved_gpt2),
+        reward=reward_fn,
+        kl_coef=0.1,
+        max_new_tokens=6,
+        autoreset_mode=AutoresetMode.DISABLED,
+    )
+    agent = ppo.Agent(str(saved_gpt2)).eval()
+    batch = ppo.rollout(agent.lm, envs, torch.Generator().manual_seed(0), seed=0, prompt_indices=[0, 1, 4, 4])
+    assert batch["prompt"][2] == batch["prompt"][3] == PROMPTS[4]
+    lengths = batch["mask"].sum(1) - batch["prompt_len"]
+    assert batch["token_mask"].sum(1).tolist() == lengths.tolist() and lengths.min() >= 1
+    with torch.no_grad():
+        logp, values = ppo.logprobs_and_values(agent, batch)
+        grpo_logp = grpo.response_logprobs(agent.lm, batch, batch["rewards"].shape[1])
+    real = batch["token_mask"].bool()
+    torch.testing.assert_close(logp[real], batch["logprobs"][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grpo_logp[real], batch["logprobs"][real], atol=1e-5, rtol=1e-5)
+    assert torch.all(values == 0)  # the zero-initialised value head
+    # The environment paid the KL inside the reward: each row's rewards sum to score - beta * KL.
+    np.testing.assert_allclose(
+        batch["rewards"].sum(1).numpy(), batch["score"] - 0.1 * batch["kl"], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    """The benchmark's tiny SFT policy and proxy reward models, built once into a private cache."""
+    path = tmp_path_factory.mktemp("llm_env_cache")
+    build_artifacts(BenchmarkSettings.tiny(), cache_dir=path, progress=False, log=lambda _: None)
+    return path
+
+
+def run(name: str, cache: Path, *extra: str) -> dict:
+    return load_example(name).main(["--tiny", "--cache-dir", str(cache), *ARGS[name], *extra])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_example_raises_the_proxy_score(name, tiny_cache, capsys):
+    result = run(name, tiny_cache)
+    gain = result["after"]["proxy"] - result["before"]["proxy"]
+    assert gain > 0.3, (
+        f"{name}: proxy score {result['before']['proxy']:.3f} -> {result['after']['proxy']:.3f}"
+    )
+    assert result["after"]["kl"] > 0.1  # it moved away from the SFT model to get there
+    assert len(result["history"]) == 10 and "gold" in result["after"]
+    printed = capsys.readouterr().out
+    assert "before training: proxy" in printed and "after training: proxy" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ARGS))
+def test_without_a_learning_rate_nothing_changes(name, tiny_cache):
+    """The margin above cannot come from evaluation noise: with lr = 0 before and after are identical."""
+    result = run(name, tiny_cache, "--updates", "1", "--lr", "0")
+    assert result["after"] == result["before"]
+    assert result["after"]["kl"] == pytest.approx(0.0, abs=1e-4)
