@@ -33,6 +33,7 @@ seconds), so a rank that raises or hangs never leaves the others waiting forever
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -349,10 +350,14 @@ def data_parallel(
         if isinstance(module, DistributedDataParallel):
             return module
         device = model_device(module)
+        # Buffers are constants here (rank 0's are copied at construction): syncing them before every forward
+        # would cost a collective per call. torch >= 2.13 names the option forward_sync_buffers.
+        parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_buffer_sync = (
+            "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+        )
         return DistributedDataParallel(
-            module,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # buffers are constants here; broadcasting them each forward costs a collective
+            module, device_ids=[device.index] if device.type == "cuda" else None, **{no_buffer_sync: False}
         )
     if strategy == "fsdp":
         for root in shard if shard is not None else [module]:

@@ -70,3 +70,20 @@ def test_benchmark_trains_ppo_and_rejection_sampling_on_two_processes(tmp_path):
     assert len(result.records["ppo"]["history"]) == settings.ppo_updates  # the workers' records came back
     assert [p["update"] for p in result.records["ppo"]["curve"]] == [0, 1, 2]
     assert len(result.records["rejection-sampling"]["history"]) == settings.rs_rounds
+
+
+def test_bench_throughput_under_torchrun_counts_every_rank(tmp_path, torchrun):
+    """2 processes x 1 thread: each rank generates its batch, the report counts both ranks' tokens and the
+    PPO update is data-parallel (no timing asserts: the machine is shared)."""
+    options = [
+        "bench-throughput", "--shape", "tiny", "--batch-size", 2, "--prompt-length", 4, "--new-tokens", 3,
+        "--repeats", 1, "--warmup", 0, "--threads", 1, "--variants", "env", "env-fused", "ppo-update",
+        "--json", tmp_path / "report.json",
+    ]  # fmt: skip
+    code, output = torchrun("-m rlhf_bench", *options)
+    assert code == 0, output[-6000:]
+    assert output.count("| variant | tokens/s |") == 1  # rank 0 reports
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["environment"]["processes"] == 2 and report["environment"]["torch_threads"] == 1
+    assert report["variants"]["env"]["tokens"] == 2 * 2 * 3  # ranks x batch x new tokens
+    assert report["ppo_update"]["full"]["tokens"] == 2 * 2 * 3
