@@ -32,6 +32,7 @@ from llm_env.distributed import (
     shard_prompts,
     world_size,
 )
+from llm_env.models import load_causal_lm
 from llm_env.tiny import tiny_gpt2, word_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -201,7 +202,14 @@ def test_fsdp2_update_matches_ddp(work, torchrun):
         assert_same_weights(
             load_file(work / f"fsdp-{lora}.safetensors"), load_file(work / f"ddp-{lora}.safetensors")
         )
+        # save_pretrained gathers the shards into a plain model (LoRA merged) that equals DDP's
+        saved = {
+            strategy: load_causal_lm(work / f"{strategy}-{lora}-policy").state_dict()
+            for strategy in ("ddp", "fsdp")
+        }
+        assert_same_weights(saved["fsdp"], saved["ddp"])
     result = json.loads((work / "update.json").read_text())
+    assert result["resumes"] == {"fsdp-0": True, "fsdp-4": True}  # FSDP checkpoints resume exactly
     for key in ("score", "kl", "grad_norm", "policy_loss"):
         assert result["stats"]["fsdp-0"][key] == pytest.approx(result["stats"]["ddp-0"][key], rel=1e-4), key
 
@@ -238,6 +246,12 @@ def test_sft_and_rejection_sampling_on_two_ranks(work, torchrun):
         torch.testing.assert_close(two[name], value, atol=2e-5, rtol=1e-4, msg=name)
     result = json.loads((work / "finetune.json").read_text())
     assert result["sft_loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+    sharded = load_file(work / "sft-fsdp.safetensors")  # FSDP2 trains the same model as DDP
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(sharded[name], value, atol=2e-5, rtol=1e-4, msg=name)
+    assert result["sft_fsdp_loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+    assert result["fsdp_rounds"] == 2 and len(result["fsdp_pool_prompts"]) == 12  # the accumulated pool
+    assert (work / "rs-fsdp-policy" / "config.json").is_file()
 
     rs = RejectionSamplingAgent(str(work / "policy"), config=RejectionSamplingConfig(**result["rs_config"]))
     rng = np.random.default_rng(rs.config.seed * 1_000_003)
@@ -273,7 +287,7 @@ def _update(work: Path) -> None:
             errors[key] = str(exc)
     episodes = torch.load(work / "episodes.pt", weights_only=False)
     mine = share(episodes, np.array_split(np.arange(len(episodes)), world_size())[rank()])
-    stats, digests = {}, []
+    stats, digests, resumes = {}, [], {}
     for strategy in ("ddp", "fsdp"):
         for lora in (0, 4):
             torch.manual_seed(0)
@@ -281,15 +295,29 @@ def _update(work: Path) -> None:
                 str(work / "policy"), config=PPOConfig(**UPDATE, strategy=strategy, lora_rank=lora)
             )
             stats[f"{strategy}-{lora}"] = agent.learn(mine)
+            agent.save_pretrained(
+                work / f"{strategy}-{lora}-policy"
+            )  # FSDP: gathered, LoRA merged, on rank 0
             state = weights(agent)
             if strategy == "ddp" and lora == 0:
                 digests = all_gather_objects(digest(agent.policy))
             if is_main_process():
                 save_file(state, str(work / f"{strategy}-{lora}.safetensors"))
+            if strategy == "fsdp":  # a checkpoint of the shards resumes exactly: one more update on each side
+                agent.save_checkpoint(work / f"ck-fsdp-{lora}")
+                torch.manual_seed(0)
+                resumed = PPOAgent(str(work / "policy"), config=agent.config)
+                resumed.load_checkpoint(work / f"ck-fsdp-{lora}")
+                agent.learn(mine)
+                resumed.learn(mine)
+                a, b = weights(agent), weights(resumed)
+                resumes[f"fsdp-{lora}"] = all(torch.equal(a[k], b[k]) for k in a) and resumed.update == 2
     shards = all_gather_objects(shard_prompts(PROMPTS, num_envs=4, seed=0))
     if is_main_process():
         (work / "update.json").write_text(
-            json.dumps({"errors": errors, "stats": stats, "digests": digests, "shards": shards})
+            json.dumps(
+                {"errors": errors, "stats": stats, "digests": digests, "shards": shards, "resumes": resumes}
+            )
         )
 
 
@@ -345,8 +373,16 @@ def _finetune(work: Path) -> None:
     model, metrics = sft_train(
         no_dropout(tiny_gpt2(tokenizer, seed=2)), examples, SFTConfig(**SFT), tokenizer=tokenizer
     )
+    sharded, sharded_metrics = sft_train(
+        no_dropout(tiny_gpt2(tokenizer, seed=2)),
+        examples,
+        SFTConfig(**SFT, strategy="fsdp"),
+        tokenizer=tokenizer,
+    )
+    sharded_state = full_state_dict(sharded)  # a collective: every rank calls it
     if is_main_process():
         save_file({k: v.clone() for k, v in model.state_dict().items()}, str(work / "sft.safetensors"))
+        save_file({k: v.clone() for k, v in sharded_state.items()}, str(work / "sft-fsdp.safetensors"))
     rs_config = dict(k=2, prompts_per_round=6, kl_groups=2, kl_prompts=3, progress=False, seed=1)
     config = RejectionSamplingConfig(
         **rs_config, sft=SFTConfig(learning_rate=1e-3, batch_size=4, progress=False)
@@ -356,9 +392,19 @@ def _finetune(work: Path) -> None:
     stats = agent.train(env)[0]
     pools = all_gather_objects(agent.pool)
     digests = all_gather_objects(digest(agent.policy))
+    # Two rounds with the policy sharded by FSDP2 (sampling gathers the full weights, SFT trains the shards).
+    fsdp_sft = SFTConfig(learning_rate=1e-3, batch_size=4, progress=False, strategy="fsdp")
+    sharded_rs = RejectionSamplingAgent(
+        str(work / "policy"), config=RejectionSamplingConfig(**{**rs_config, "rounds": 2}, sft=fsdp_sft)
+    )
+    fsdp_history = sharded_rs.train(sharded_rs.make_env(PROMPTS, good_count, num_envs=3, max_new_tokens=5))
+    sharded_rs.save_pretrained(work / "rs-fsdp-policy")  # gathers the shards; rank 0 writes
     if is_main_process():
         result = {
             "sft_loss": metrics["loss"],
+            "sft_fsdp_loss": sharded_metrics["loss"],
+            "fsdp_rounds": len(fsdp_history),
+            "fsdp_pool_prompts": [item["prompt_index"] for item in sharded_rs.pool],
             "rs_config": rs_config,
             "pool_prompts": [item["prompt_index"] for item in agent.pool],
             "same_pool_on_every_rank": all(p == pools[0] for p in pools),
