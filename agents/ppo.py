@@ -55,6 +55,7 @@ from llm_env.distributed import (
     Strategy,
     all_reduce_means,
     all_reduce_sum,
+    check_divisible,
     data_parallel,
     full_parameters,
     global_masked_mean,
@@ -192,15 +193,13 @@ class PPOConfig:
 
     def check_world_size(self, world: int) -> None:
         """Fail before any work when ``world`` processes cannot split the rollout and the minibatches evenly."""
-        for name, value in (
-            ("episodes_per_update", self.episodes_per_update),
-            ("minibatch_size", self.minibatch_size),
-        ):
-            if value % world:
-                raise ValueError(
-                    f"{name}={value} is not divisible by the world size {world}: every rank takes {name} / "
-                    f"{world} episodes; pick a multiple of {world}"
-                )
+        for name in ("episodes_per_update", "minibatch_size"):
+            check_divisible(
+                name,
+                getattr(self, name),
+                world,
+                f"every rank takes {name} / {world} episodes; pick a multiple of {world}",
+            )
         local = self.minibatch_size // world
         if local % self.gradient_accumulation_steps:
             raise ValueError(

@@ -173,9 +173,10 @@ def rank_seed(seed: int) -> int:
     return int(seed) + rank() * RANK_SEED_STRIDE
 
 
-def check_divisible(name: str, value: int, hint: str = "") -> int:
-    """``value // world_size()``, or a ValueError naming the numbers when the world size does not divide it."""
-    world = world_size()
+def check_divisible(name: str, value: int, world: int | None = None, hint: str = "") -> int:
+    """``value // world`` (default: the world size), or a ValueError naming the numbers when ``world`` does
+    not divide ``value``, e.g. ``episodes_per_update=6 is not divisible by the world size 4``."""
+    world = world_size() if world is None else int(world)
     if value % world:
         raise ValueError(
             f"{name}={value} is not divisible by the world size {world}" + (f": {hint}" if hint else "")
