@@ -379,6 +379,12 @@ class PPOAgent:
         """
         config = self.config
         world = self.world_size
+        if world > 1 and len(trajectories) != config.episodes_per_update // world:
+            # Every rank must run as many minibatches (collectives) as the others, or they would wait forever.
+            raise ValueError(
+                f"on {world} processes each rank learns from episodes_per_update / {world} = "
+                f"{config.episodes_per_update // world} episodes, got {len(trajectories)}"
+            )
         start_time = time.perf_counter()
         batch = SequenceBatch.build(
             trajectories.prompt_ids, trajectories.response_list(), pad_id=self.pad_id, device=self.device

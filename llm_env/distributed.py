@@ -141,7 +141,9 @@ def init_distributed(*, backend: str | None = None, timeout_s: float | None = No
     if not timeout_s > 0:
         raise ValueError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
     kwargs: dict[str, Any] = {}
-    if torch.cuda.is_available():
+    if (
+        torch.cuda.is_available() and local_rank() < torch.cuda.device_count()
+    ):  # more ranks than GPUs: CPU runs
         torch.cuda.set_device(local_rank())
         backend = backend or "cpu:gloo,cuda:nccl"
         if "nccl" in backend:

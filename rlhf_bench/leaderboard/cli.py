@@ -64,8 +64,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from llm_env.distributed import world_size
     from rlhf_bench.leaderboard.runner import run_benchmark
     from rlhf_bench.leaderboard.settings import BenchmarkSettings
+
+    if world_size() > 1:  # every rank would run the whole benchmark
+        raise SystemExit("llm-env benchmark: run it in one process and pass --nproc N, not under torchrun")
 
     settings = getattr(BenchmarkSettings, args.size)(seed=args.seed)
     agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
