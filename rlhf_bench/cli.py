@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from llm_env.distributed import init_distributed, shutdown_distributed
+from llm_env.distributed import init_distributed, launched, shutdown_distributed
 
 # "module" whose add_parser(subparsers) registers one or more subcommands.
 _COMMANDS: tuple[str, ...] = (
@@ -40,12 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@record
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors exit here
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
+    # Under a launcher, record a failing rank's traceback for torchrun's summary of the run.
+    return (record(_dispatch) if launched() else _dispatch)(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
     status = int(args.func(args) or 0)
     shutdown_distributed()
