@@ -4,6 +4,9 @@ Every option is generated from a dataclass, so the command line has exactly the 
 of the library: :class:`RunOptions` (models, data, output), the environment's options from
 :class:`llm_env.EnvConfig` (``--max-new-tokens``, ``--kl-estimator``, ...) and the agent's config
 (``--learning-rate``, ``--episodes-per-update``, ``--k``, ``--sft-epochs``, ...).
+
+Both run on N processes under ``torchrun --nproc-per-node N -m rlhf_bench ppo ...``: every rank trains
+on its share of the prompts and rank 0 writes the policy, ``history.json`` and the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from agents.ppo import PPOAgent, PPOConfig
 from agents.rejection import RejectionSamplingAgent, RejectionSamplingConfig
 from llm_env import EnvConfig
 from llm_env.config_cli import add_dataclass_arguments, dataclass_from_args, options_from_args
+from llm_env.distributed import is_main_process
 
 __all__ = ["ENV_OPTIONS", "RunOptions", "add_parser"]
 
@@ -69,6 +73,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_history(out: Path, history: list[dict[str, float]]) -> None:
+    if not is_main_process():
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.json").write_text(json.dumps(history, indent=2))
 
@@ -84,8 +90,10 @@ def _ppo(args: argparse.Namespace) -> int:
     env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
     env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
     history = agent.train(env, args.updates, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")
+    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
     _write_history(out, history)
+    if not is_main_process():
+        return 0
     last = history[-1] if history else {}
     print(
         f"ppo: {agent.update} updates, final score {last.get('score', float('nan')):.4f}, "
@@ -108,8 +116,10 @@ def _rejection(args: argparse.Namespace) -> int:
         run.prompts, run.reward, num_envs=run.num_envs, reference=run.reference or run.policy, **env_options
     )
     history = agent.train(env, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")
+    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
     _write_history(out, history)
+    if not is_main_process():
+        return 0
     for stats in history:
         measured = stats.get("kl_best_of_k_measured", float("nan"))
         print(

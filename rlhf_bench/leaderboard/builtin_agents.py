@@ -23,6 +23,7 @@ from agents import (
     iterative_rlhf,
 )
 from llm_env import TextGenEnv, TokenActions
+from llm_env.distributed import is_main_process, shard_prompts
 from rlhf_bench.leaderboard.harness import BenchmarkContext, register_agent
 
 __all__ = ["RandomAgent", "SB3Agent", "ppo_run"]
@@ -87,7 +88,9 @@ def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, updates: int, poli
     agent = PPOAgent(
         policy if policy is not None else ctx.load_policy(), ctx.tokenizer, _ppo_config(ctx, kl_coef, name)
     )
-    env = ctx.make_env(kl_coef=kl_coef, reference="sft")
+    # On N processes (llm-env benchmark --nproc) each rank trains on its own share of the prompts.
+    train = shard_prompts(ctx.artifacts.train_prompts, num_envs=ctx.settings.num_envs, seed=ctx.settings.seed)
+    env = ctx.make_env(kl_coef=kl_coef, reference="sft", prompts=train)
     curve: list[dict[str, float]] = []
     n_prompts = min(len(ctx.artifacts.eval_prompts), 64)
 
@@ -102,10 +105,12 @@ def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, updates: int, poli
             }
         )
 
-    point(0)
+    main = is_main_process()  # the curve is measured by rank 0 alone (its replica acts without collectives)
+    if main:
+        point(0)
 
     def callback(update: int, stats: dict[str, float]) -> None:
-        if update % ctx.settings.curve_every == 0 or update == updates:
+        if main and (update % ctx.settings.curve_every == 0 or update == updates):
             point(update)
 
     history = agent.train(env, updates, callback=callback)

@@ -169,8 +169,10 @@ class BenchmarkContext:
         """
         if isinstance(reference, str) and reference == "sft":
             reference = self.reference
-        texts = {"train": self.artifacts.train_prompts, "eval": self.artifacts.eval_prompts}.get(
-            prompts, prompts
+        texts = (
+            {"train": self.artifacts.train_prompts, "eval": self.artifacts.eval_prompts}[prompts]
+            if isinstance(prompts, str)
+            else prompts
         )
         options = dict(
             prompts=texts,

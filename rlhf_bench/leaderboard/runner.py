@@ -18,6 +18,7 @@ from llm_env.models import resolve_device
 from rlhf_bench.leaderboard.artifacts import Artifacts, build_artifacts, load_byo_artifacts
 from rlhf_bench.leaderboard.builtin_agents import ppo_run
 from rlhf_bench.leaderboard.harness import BenchmarkContext, EvalResult, registered_agents, win_rate
+from rlhf_bench.leaderboard.launch import DATA_PARALLEL_ENTRIES, TrainingJob, train_on_processes
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 
 __all__ = ["BenchmarkResult", "Row", "best_of_k_curve", "run_benchmark"]
@@ -135,6 +136,7 @@ def run_benchmark(
     gold_reward_model: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    nproc: int = 1,
 ) -> BenchmarkResult:
     """Run the benchmark and write the leaderboard, plots and samples to ``out_dir``.
 
@@ -145,10 +147,14 @@ def run_benchmark(
         policy, reference, reward_model, prompts, gold_reward_model: run on your own models and prompts
             instead of the built-in task (paths or hub names); without a gold model the leaderboard ranks by
             the reward model and reports no gold score.
+        nproc: train PPO (with its sweep) and rejection sampling on this many local processes
+            (:mod:`rlhf_bench.leaderboard.launch`); evaluation stays in this process.
     """
     from rlhf_bench.leaderboard.report import write_report
 
     settings = settings or BenchmarkSettings.quick()
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
     device = resolve_device(device)
     torch.manual_seed(settings.seed)
     start = time.perf_counter()
@@ -174,6 +180,26 @@ def run_benchmark(
             settings, cache_dir=cache_dir, device=device, rebuild=rebuild, log=log, progress=progress
         )
     ctx = BenchmarkContext(artifacts, settings, device, out_dir, log=log, progress=progress)
+    byo = dict(
+        policy=policy,
+        reward_model=reward_model,
+        prompts=prompts,
+        reference=reference,
+        gold_reward_model=gold_reward_model,
+    )
+
+    def job(entry: str, **kwargs: Any) -> TrainingJob:
+        """A training job for ``nproc`` processes, rebuilding this run's artifacts in every worker."""
+        return TrainingJob(
+            entry,
+            settings,
+            out_dir,
+            device.type,
+            artifacts=byo if policy is not None else {"cache_dir": cache_dir},
+            byo=policy is not None,
+            progress=progress,
+            **kwargs,
+        )
 
     registry = registered_agents()
     selected = list(agents) if agents else [*registry, "best-of-k"]
@@ -210,7 +236,10 @@ def run_benchmark(
             continue
         entry = registry[name]
         tick = time.perf_counter()
-        agent = entry.factory(ctx)
+        if nproc > 1 and name in DATA_PARALLEL_ENTRIES:
+            agent = train_on_processes(ctx, job(name), nproc)
+        else:
+            agent = entry.factory(ctx)
         wall = time.perf_counter() - tick
         results[name] = result = ctx.evaluate(agent, name)
         row = _row(name, result, baseline, wall, entry.description)
@@ -222,7 +251,12 @@ def run_benchmark(
             for beta in settings.sweep_kl_coefs:
                 label = f"ppo-beta-{beta:g}"
                 tick = time.perf_counter()
-                swept = ppo_run(ctx, label, beta, settings.sweep_updates)
+                if nproc > 1:
+                    swept = train_on_processes(
+                        ctx, job(label, kl_coef=beta, updates=settings.sweep_updates), nproc
+                    )
+                else:
+                    swept = ppo_run(ctx, label, beta, settings.sweep_updates)
                 wall = time.perf_counter() - tick
                 results[label] = result = ctx.evaluate(swept, label)
                 rows.append(
