@@ -42,6 +42,9 @@ from agents.policy import (
     save_policy,
 )
 from agents.rollout import Trajectories, collect_episodes
+from agents.tracking import append_stat as _append
+from agents.tracking import jsonable as _jsonable
+from agents.tracking import tensorboard_writer as _tensorboard
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
 from llm_env.kl import check_kl_coef
 from llm_env.models import pad_token_id
@@ -230,6 +233,8 @@ class PPOAgent:
             if not self._ptx:
                 raise ValueError("ptx_texts must contain texts of at least two tokens")
         self.update = 0
+        self.sampled_tokens = 0
+        """Response tokens sampled in the rollouts so far (the budget ``train(total_tokens=...)`` spends)."""
         self.pad_id = pad_token_id(self.tokenizer)
         self._generator = torch.Generator(device=device).manual_seed(config.seed)
         self.sampler = TokenSampler(
@@ -392,11 +397,14 @@ class PPOAgent:
         env: TextGenVectorEnv,
         total_updates: int,
         *,
+        total_tokens: int | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         callback: Callable[[int, dict[str, float]], None] | None = None,
     ) -> list[dict[str, float]]:
-        """Run PPO until ``total_updates`` updates are done (continuing from ``self.update`` after a resume).
+        """Run PPO until ``total_updates`` updates are done (continuing from ``self.update`` after a resume),
+        or, with ``total_tokens``, until the rollouts have sampled that many response tokens (the update that
+        reaches the budget is the last; :attr:`sampled_tokens` says how many were sampled).
 
         Each update resets the environment with ``seed + update`` and seeds sampling and minibatch order
         the same way, so a run resumed from a checkpoint continues exactly as the uninterrupted run.
@@ -417,7 +425,7 @@ class PPOAgent:
         writer = _tensorboard(config.log_dir)
         history = []
         bar = tqdm(total=total, initial=self.update, desc="ppo", disable=not config.progress)
-        while self.update < total:
+        while self.update < total and (total_tokens is None or self.sampled_tokens < total_tokens):
             env.kl_coef = self.kl_controller.value
             self._generator.manual_seed(config.seed * 1_000_003 + self.update)
             start = time.perf_counter()
@@ -426,6 +434,7 @@ class PPOAgent:
                 env, self, config.episodes_per_update, seed=config.seed + self.update
             )
             rollout_time = time.perf_counter() - start
+            self.sampled_tokens += trajectories.num_tokens
             kl_coef = self.kl_controller.value
             stats = self.learn(trajectories)
             self.kl_controller.update(stats["kl"], len(trajectories))
@@ -433,6 +442,7 @@ class PPOAgent:
                 kl_coef=kl_coef,
                 rollout_tokens_per_s=float(trajectories.lengths.sum()) / max(rollout_time, 1e-9),
                 update=self.update,
+                sampled_tokens=self.sampled_tokens,
             )
             history.append(stats)
             if writer is not None:
@@ -460,6 +470,7 @@ class PPOAgent:
             scheduler=self.scheduler,
             state={
                 "update": self.update,
+                "sampled_tokens": self.sampled_tokens,
                 "kl_controller": self.kl_controller.state_dict(),
                 "config": _jsonable(dataclasses.asdict(self.config)),
             },
@@ -476,30 +487,9 @@ class PPOAgent:
             scheduler=self.scheduler,
         )
         self.update = int(state["update"])
+        self.sampled_tokens = int(state.get("sampled_tokens", 0))
         self.kl_controller.load_state_dict(state["kl_controller"])
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
         save_policy(self.policy, self.tokenizer, path)
-
-
-def _append(stats: dict[str, list[float]], key: str, value: Any) -> None:
-    stats.setdefault(key, []).append(
-        float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-
-
-def _tensorboard(log_dir: str | None) -> Any:
-    if log_dir is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir)
