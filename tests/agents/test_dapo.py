@@ -49,6 +49,7 @@ def test_dynamic_sampling_keeps_only_informative_groups(fresh_policy, tokenizer,
     np.testing.assert_allclose(agent.sequence_rewards(batch).numpy(), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dapo_raises_the_score(pg_learning_run):
     _, history, start, end = pg_learning_run(
         DAPOAgent, DAPOConfig, prompts_per_update=4, group_size=4, score_key="sampled_score"

@@ -28,6 +28,7 @@ def test_loss_divides_by_a_constant_length():
     assert logprobs.grad.tolist() == [[-1 / 8] * 3, [1 / 8, 0.0, 0.0]]
 
 
+@pytest.mark.slow
 def test_dr_grpo_raises_the_score(pg_learning_run):
     agent, history, start, end = pg_learning_run(
         DrGRPOAgent, DrGRPOConfig, prompts_per_update=4, group_size=4

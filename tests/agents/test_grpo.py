@@ -43,6 +43,7 @@ def test_grpo_raises_the_score(pg_learning_run):
     )
 
 
+@pytest.mark.slow
 def test_grpo_with_the_kl_in_the_loss_raises_the_score(pg_learning_run):
     _, history, start, end = pg_learning_run(
         GRPOAgent, GRPOConfig, prompts_per_update=4, group_size=4, kl_in="loss", kl_estimator="k3"

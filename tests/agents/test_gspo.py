@@ -46,6 +46,7 @@ def test_gradient_at_ratio_one_equals_grpos():
     torch.testing.assert_close(grads[0], torch.tensor([[-0.7 / 4, -0.7 / 4], [1.3 / 2, 0.0]]))
 
 
+@pytest.mark.slow
 def test_gspo_raises_the_score(pg_learning_run):
     _, _, start, end = pg_learning_run(
         GSPOAgent, GSPOConfig, prompts_per_update=4, group_size=4, clip_range=0.2, clip_range_high=0.2

@@ -241,7 +241,10 @@ def test_tensorboard_logs(fresh_policy, tokenizer, task_prompts, task_reward, tm
     assert any(path.name.startswith("events.out.tfevents") for path in (tmp_path / "tb").iterdir())
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize(
+    "name",
+    [name if name == "grpo" else pytest.param(name, marks=pytest.mark.slow) for name in sorted(ALGORITHMS)],
+)
 def test_resume_matches_the_uninterrupted_run(
     name, fresh_policy, tokenizer, task_prompts, task_reward, tmp_path
 ):

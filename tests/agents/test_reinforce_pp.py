@@ -47,6 +47,7 @@ def test_loss_is_the_token_level_clipped_surrogate():
     assert float(loss) == pytest.approx((-1.2 - 2.0 - 3.0 + 1.0 + 2.0) / 5)
 
 
+@pytest.mark.slow
 def test_reinforce_pp_raises_the_score(pg_learning_run):
     _, _, start, end = pg_learning_run(
         ReinforcePPAgent, ReinforcePPConfig, prompts_per_update=16, group_size=1
@@ -54,6 +55,7 @@ def test_reinforce_pp_raises_the_score(pg_learning_run):
     assert start < 0.6 and end > start + 1.0, (start, end)
 
 
+@pytest.mark.slow
 def test_reinforce_pp_baseline_raises_the_score(pg_learning_run):
     _, _, start, end = pg_learning_run(
         ReinforcePPAgent, ReinforcePPConfig, prompts_per_update=4, group_size=4, group_baseline=True

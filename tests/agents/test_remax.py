@@ -42,6 +42,7 @@ def test_baseline_is_the_greedy_rollout(fresh_policy, gpt2, tokenizer, task_prom
         agent.advantages(collect_episodes(env, agent, 4, prompt_indices=prompts))
 
 
+@pytest.mark.slow
 def test_remax_raises_the_score(pg_learning_run):
     # one sample per prompt against a greedy baseline: noisier than the group methods, so a larger step
     _, history, start, end = pg_learning_run(
