@@ -134,7 +134,7 @@ def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, policy: Any = None
     budget, episodes = ctx.settings.token_budget, ctx.settings.ppo_episodes
     # Every episode has at least one token, so the budget is reached by update `cap` at the latest.
     cap = -(-budget // episodes)
-    history = agent.train(env, cap, total_tokens=budget)
+    history = agent.train(env, cap, total_tokens=budget, callback=callback)
     if curve[-1]["update"] != agent.update:
         point(agent.update)
     ctx.record(
