@@ -50,6 +50,7 @@ from agents.policy import (
     save_policy,
 )
 from agents.rollout import Trajectories, collect_episodes
+from agents.tracking import append_stat, jsonable, tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
 from llm_env.distributed import (
     Strategy,
@@ -306,6 +307,8 @@ class PPOAgent:
             if not self._ptx:
                 raise ValueError("ptx_texts must contain texts of at least two tokens")
         self.update = 0
+        self.sampled_tokens = 0
+        """Response tokens sampled in the rollouts so far (the budget ``train(total_tokens=...)`` spends)."""
         self.pad_id = pad_token_id(self.tokenizer)
         self._generator = torch.Generator(device=device).manual_seed(config.seed)
         self.sampler = TokenSampler(
@@ -463,17 +466,17 @@ class PPOAgent:
                         if ptx is not None:
                             ptx_nll = -masked_mean(ptx_logprobs, ptx.response_mask)
                             loss = loss + config.ptx_coef * ptx_nll / config.gradient_accumulation_steps
-                            _append(stats, "ptx_loss", ptx_nll)
+                            append_stat(stats, "ptx_loss", ptx_nll)
                         loss.backward()
-                    _append(stats, "policy_loss", pg_loss)
-                    _append(stats, "value_loss", vf_loss)
-                    _append(stats, "entropy", entropy)
+                    append_stat(stats, "policy_loss", pg_loss)
+                    append_stat(stats, "value_loss", vf_loss)
+                    append_stat(stats, "entropy", entropy)
                     for key, value in pg_stats.items():
-                        _append(stats, key, value)
+                        append_stat(stats, key, value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     trainable_parameters(self.policy, self.value_head), config.max_grad_norm
                 )
-                _append(stats, "grad_norm", grad_norm)
+                append_stat(stats, "grad_norm", grad_norm)
                 self.optimizer.step()
                 optimizer_step += 1
         self.scheduler.step()
@@ -523,11 +526,14 @@ class PPOAgent:
         env: TextGenVectorEnv,
         total_updates: int,
         *,
+        total_tokens: int | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         callback: Callable[[int, dict[str, float]], None] | None = None,
     ) -> list[dict[str, float]]:
-        """Run PPO until ``total_updates`` updates are done (continuing from ``self.update`` after a resume).
+        """Run PPO until ``total_updates`` updates are done (continuing from ``self.update`` after a resume),
+        or, with ``total_tokens``, until the rollouts have sampled that many response tokens (the update that
+        reaches the budget is the last; :attr:`sampled_tokens` says how many were sampled).
 
         Each update resets the environment with ``seed + update`` and seeds sampling and minibatch order
         the same way, so a run resumed from a checkpoint continues exactly as the uninterrupted run.
@@ -551,10 +557,10 @@ class PPOAgent:
             completed_steps=self.update,
         )
         main = is_main_process()
-        writer = _tensorboard(config.log_dir) if main else None
+        writer = tensorboard_writer(config.log_dir) if main else None
         history = []
         bar = tqdm(total=total, initial=self.update, desc="ppo", disable=not config.progress or not main)
-        while self.update < total:
+        while self.update < total and (total_tokens is None or self.sampled_tokens < total_tokens):
             env.kl_coef = self.kl_controller.value
             self._generator.manual_seed(rank_seed(config.seed * 1_000_003 + self.update))
             start = time.perf_counter()
@@ -569,6 +575,8 @@ class PPOAgent:
             rollout_time = time.perf_counter() - start
             kl_coef = self.kl_controller.value
             stats = self.learn(trajectories)
+            # Every rank's tokens (the statistics are global), so all ranks stop at the same update.
+            self.sampled_tokens += round(stats["response_length"] * config.episodes_per_update)
             self.kl_controller.update(stats["kl"], config.episodes_per_update)
             stats.update(
                 kl_coef=kl_coef,
@@ -576,6 +584,7 @@ class PPOAgent:
                 * config.episodes_per_update
                 / max(rollout_time, 1e-9),
                 update=self.update,
+                sampled_tokens=self.sampled_tokens,
             )
             history.append(stats)
             if writer is not None:
@@ -604,8 +613,9 @@ class PPOAgent:
             scheduler=self.scheduler,
             state={
                 "update": self.update,
+                "sampled_tokens": self.sampled_tokens,
                 "kl_controller": self.kl_controller.state_dict(),
-                "config": _jsonable(dataclasses.asdict(self.config)),
+                "config": jsonable(dataclasses.asdict(self.config)),
             },
             trainable_only=bool(self.config.lora_rank),
             optimizer_model=self._trainer,
@@ -622,33 +632,10 @@ class PPOAgent:
             optimizer_model=self._trainer,
         )
         self.update = int(state["update"])
+        self.sampled_tokens = int(state.get("sampled_tokens", 0))
         self.kl_controller.load_state_dict(state["kl_controller"])
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes
         every rank calls it and rank 0 writes)."""
         save_policy(self.policy, self.tokenizer, path)
-
-
-def _append(stats: dict[str, list[float]], key: str, value: Any) -> None:
-    if hasattr(value, "full_tensor"):  # a DTensor (FSDP2's gradient norm)
-        value = value.full_tensor()
-    stats.setdefault(key, []).append(
-        float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-
-
-def _tensorboard(log_dir: str | None) -> Any:
-    if log_dir is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir)

@@ -15,8 +15,9 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Builds (or reuses from the cache) a tiny SFT policy, simulated preferences and proxy reward models "
             "for the built-in review task, then trains and evaluates every registered agent on the same "
-            "environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), rejection sampling then "
-            "PPO, Stable-Baselines3 PPO and a random agent. Writes the leaderboard (Markdown, CSV, JSON), plots "
+            "environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), GRPO (KL in the reward and "
+            "in the loss), RLOO, rejection sampling then PPO, Stable-Baselines3 PPO and a random agent; --agents all "
+            "adds Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. Writes the leaderboard (Markdown, CSV, JSON), plots "
             "and samples to --out."
         ),
     )
@@ -41,7 +42,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--rebuild", action="store_true", help="rebuild the cached SFT policy and reward models"
     )
-    parser.add_argument("--agents", help="comma-separated entries to run (default: all); sft always runs")
+    parser.add_argument(
+        "--agents",
+        help="comma-separated entries to run, 'all' for every entry or 'default' for the default set "
+        "(default: the default set); sft always runs",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the task, the models and the agents")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.add_argument(

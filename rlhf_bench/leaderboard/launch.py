@@ -40,7 +40,7 @@ class TrainingJob:
     """What a worker needs to rebuild the benchmark's context and train one entry (picklable)."""
 
     entry: str
-    """Registered entry to train, or the label of a PPO sweep run (then ``kl_coef`` and ``updates`` are set)."""
+    """Registered entry to train, or the label of a PPO sweep run (then ``kl_coef`` is set)."""
     settings: BenchmarkSettings
     out_dir: Path
     device: str
@@ -50,7 +50,6 @@ class TrainingJob:
     (``policy``, ``reward_model``, ...) when ``byo`` is set."""
     byo: bool = False
     kl_coef: float | None = None
-    updates: int | None = None
     progress: bool = True
 
 
@@ -106,7 +105,7 @@ def _train(job: TrainingJob, directory: str) -> dict[str, Any]:
         progress=job.progress and main,
     )
     if job.kl_coef is not None:
-        agent = ppo_run(ctx, job.entry, job.kl_coef, job.updates or job.settings.sweep_updates)
+        agent = ppo_run(ctx, job.entry, job.kl_coef)
     else:
         agent = registered_agents()[job.entry].factory(ctx)
     save_policy(agent.policy, ctx.tokenizer, directory)  # every rank calls it, rank 0 writes

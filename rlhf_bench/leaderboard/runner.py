@@ -17,7 +17,13 @@ from agents.rejection import best_of_k_kl, best_of_k_kl_theory
 from llm_env.models import resolve_device
 from rlhf_bench.leaderboard.artifacts import Artifacts, build_artifacts, load_byo_artifacts
 from rlhf_bench.leaderboard.builtin_agents import ppo_run
-from rlhf_bench.leaderboard.harness import BenchmarkContext, EvalResult, registered_agents, win_rate
+from rlhf_bench.leaderboard.harness import (
+    BenchmarkContext,
+    EvalResult,
+    registered_agents,
+    select_agents,
+    win_rate,
+)
 from rlhf_bench.leaderboard.launch import DATA_PARALLEL_ENTRIES, TrainingJob, train_on_processes
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 
@@ -142,7 +148,8 @@ def run_benchmark(
 
     Args:
         settings: budgets (default :meth:`BenchmarkSettings.quick`).
-        agents: entries to run (default: all registered ones, plus ``best-of-k``); ``sft`` always runs.
+        agents: entries to run (default: the default entries, plus ``best-of-k``; ``["all"]``: every
+            registered entry; see :func:`~rlhf_bench.leaderboard.harness.select_agents`); ``sft`` always runs.
         device: ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA when available).
         policy, reference, reward_model, prompts, gold_reward_model: run on your own models and prompts
             instead of the built-in task (paths or hub names); without a gold model the leaderboard ranks by
@@ -202,10 +209,7 @@ def run_benchmark(
         )
 
     registry = registered_agents()
-    selected = list(agents) if agents else [*registry, "best-of-k"]
-    unknown = [a for a in selected if a not in registry and a != "best-of-k"]
-    if unknown:
-        raise ValueError(f"unknown agents {unknown}; registered: {[*registry, 'best-of-k']}")
+    selected = select_agents(agents or None)
 
     tick = time.perf_counter()
     sft_policy = registry["sft"].factory(ctx)
@@ -242,7 +246,7 @@ def run_benchmark(
             agent = entry.factory(ctx)
         wall = time.perf_counter() - tick
         results[name] = result = ctx.evaluate(agent, name)
-        row = _row(name, result, baseline, wall, entry.description)
+        row = _row(name, result, baseline, wall, _note(entry.description, ctx.records.get(name)))
         rows.append(row)
         log(
             f"{name}: gold {row.gold:.3f}, proxy {row.proxy:.3f}, KL {row.kl:.2f}, win-rate {row.win_rate:.2f} ({wall:.0f}s)"
@@ -252,16 +256,13 @@ def run_benchmark(
                 label = f"ppo-beta-{beta:g}"
                 tick = time.perf_counter()
                 if nproc > 1:
-                    swept = train_on_processes(
-                        ctx, job(label, kl_coef=beta, updates=settings.sweep_updates), nproc
-                    )
+                    swept = train_on_processes(ctx, job(label, kl_coef=beta), nproc)
                 else:
-                    swept = ppo_run(ctx, label, beta, settings.sweep_updates)
+                    swept = ppo_run(ctx, label, beta)
                 wall = time.perf_counter() - tick
                 results[label] = result = ctx.evaluate(swept, label)
-                rows.append(
-                    _row(label, result, baseline, wall, f"PPO with beta={beta:g} (over-optimisation sweep)")
-                )
+                note = _note(f"PPO with beta={beta:g} (over-optimisation sweep)", ctx.records.get(label))
+                rows.append(_row(label, result, baseline, wall, note))
                 log(
                     f"{label}: gold {rows[-1].gold:.3f}, proxy {rows[-1].proxy:.3f}, KL {rows[-1].kl:.2f} ({wall:.0f}s)"
                 )
@@ -280,6 +281,16 @@ def run_benchmark(
     )
     write_report(result, out_dir, log=log)
     return result
+
+
+def _note(description: str, record: dict[str, Any] | None) -> str:
+    """A row's note: its description, and the response tokens it sampled when it trains on the budget."""
+    if not record or "sampled_tokens" not in record:
+        return description
+    return (
+        f"{description}; {record['sampled_tokens']:,} response tokens sampled "
+        f"(budget {record['token_budget']:,})"
+    )
 
 
 def _samples(results: dict[str, EvalResult], n: int) -> list[dict[str, Any]]:

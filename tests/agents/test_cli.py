@@ -75,3 +75,62 @@ def test_cli_rejects_bad_config_values(saved_gpt2, saved_classifier, prompt_file
         main([*args, "--out", str(tmp_path), "--episodes-per-update", "6", "--minibatch-size", "4"])
     with pytest.raises(SystemExit):
         main([*args, "--out", str(tmp_path), "--lr-schedule", "exponential"])
+
+
+PG_ARGS = ["--prompts-per-update", "2", "--group-size", "2", "--learning-rate", "1e-3", "--kl-coef", "0.05"]
+
+
+def test_grpo_cli_trains_saves_and_resumes(saved_gpt2, saved_classifier, prompt_file, tmp_path, capsys):
+    out = tmp_path / "grpo"
+    args = [
+        "grpo",
+        "--policy",
+        str(saved_gpt2),
+        "--prompts",
+        str(prompt_file),
+        "--reward",
+        str(saved_classifier),
+    ]
+    args += ["--out", str(out), *COMMON, *PG_ARGS, "--kl-in", "loss", "--kl-estimator", "k2"]
+    assert main([*args, "--updates", "2"]) == 0
+    assert "grpo: 2 updates" in capsys.readouterr().out
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 2 and history[0]["kl_loss"] >= 0
+    AutoModelForCausalLM.from_pretrained(out / "policy")
+    assert main([*args, "--updates", "3", "--resume"]) == 0  # one more update from the checkpoint
+    assert "grpo: 3 updates" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "rloo",
+        *(
+            pytest.param(c, marks=pytest.mark.slow)
+            for c in ("dr-grpo", "dapo", "gspo", "reinforce-pp", "remax")
+        ),
+    ],
+)
+def test_critic_free_clis_stop_at_the_token_budget(
+    command, saved_gpt2, saved_classifier, prompt_file, tmp_path, capsys
+):
+    out = tmp_path / command
+    args = [
+        command,
+        "--policy",
+        str(saved_gpt2),
+        "--prompts",
+        str(prompt_file),
+        "--reward",
+        str(saved_classifier),
+    ]
+    grouped = command not in ("reinforce-pp", "remax")
+    options = PG_ARGS if grouped else [*PG_ARGS[:2], "--group-size", "1", *PG_ARGS[4:]]
+    if command == "gspo":  # its default minibatch (16 of 64 episodes, as the paper's 4) does not divide 4
+        options = [*options, "--minibatch-size", "2"]
+    assert main([*args, "--out", str(out), *COMMON, *options, "--total-tokens", "10"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    assert (
+        history[-1]["sampled_tokens"] >= 10
+        and f"{command}: {len(history)} updates" in capsys.readouterr().out
+    )
