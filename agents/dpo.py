@@ -189,7 +189,7 @@ class DPOConfig:
     """Options of :class:`DPOAgent`. Defaults follow TRL's ``DPOConfig`` where it has the field."""
 
     loss_type: LossType = "dpo"
-    """``dpo``: -log sigmoid(beta h) (Rafailov et al. 2023); ``ipo``: (h - 1/(2 beta))^2 (Azar et al. 2023)."""
+    """dpo: -log sigmoid(beta h) (Rafailov et al. 2023); ipo: (h - 1/(2 beta))^2 (Azar et al. 2023)."""
     beta: float = 0.1
     """KL strength: DPO's inverse temperature, IPO's tau (smaller: further from the reference)."""
     average_logprobs: bool = False

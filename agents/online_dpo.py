@@ -53,11 +53,11 @@ class OnlineDPOConfig:
     """Options of :class:`OnlineDPOAgent`. Defaults follow Guo et al. 2024 and TRL's online DPO where noted."""
 
     loss_type: LossType = "dpo"
-    """``dpo`` (Guo et al.'s main variant) or ``ipo`` (they also ran IPO online); see :func:`agents.dpo.dpo_loss`."""
+    """dpo: -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2. Guo et al. ran both (and SLiC) online."""
     beta: float = 0.1
     """KL strength of the loss (Guo et al. and TRL: 0.1)."""
     average_logprobs: bool = False
-    """Average log-probabilities over response tokens instead of summing them (see :class:`agents.DPOConfig`)."""
+    """Average log-probabilities over response tokens instead of summing them (as DPOConfig)."""
     learning_rate: float = 5e-7
     """AdamW learning rate (TRL's online DPO default, for 7B models; tiny models need ~1e-4)."""
     prompts_per_update: int = 32
@@ -83,9 +83,8 @@ class OnlineDPOConfig:
     lora_target_modules: str | tuple[str, ...] = "all-linear"
     """Modules that receive LoRA adapters."""
     fuse_reference: bool = True
-    """With LoRA, let environments built by :meth:`OnlineDPOAgent.make_env` decode the policy and its
-    adapter-disabled reference in one forward pass and sample from the policy half (see
-    :class:`agents.PPOConfig`); ignored without LoRA."""
+    """With LoRA, let environments built by OnlineDPOAgent.make_env decode the policy and its adapter-disabled
+    reference in one forward pass and sample from the policy half (as PPOConfig); ignored without LoRA."""
     seed: int = 0
     """Seed of everything random: prompt choice, sampling, minibatch order."""
     log_dir: str | None = None
