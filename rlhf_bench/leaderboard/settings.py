@@ -84,6 +84,23 @@ class BenchmarkSettings:
     """PPO updates of the iterative pipeline."""
     sb3_timesteps: int = 3072
     """Environment steps of the Stable-Baselines3 PPO run."""
+    token_budget: int = 38_400
+    """Response tokens each policy-optimisation agent samples while training (PPO's quick run samples about
+    30 updates x 64 episodes x ~20 tokens); the offline DPO row samples nothing and states its data."""
+    dpo_beta: float = 0.1
+    """beta of the offline and online DPO rows (Rafailov et al. 2023; Guo et al. 2024)."""
+    dpo_lr: float = 1e-4
+    """Learning rate of offline DPO."""
+    dpo_epochs: int = 1
+    """Passes of offline DPO over the preference data."""
+    dpo_batch_size: int = 32
+    """Preference pairs per offline DPO step."""
+    online_dpo_lr: float = 1e-4
+    """Learning rate of online DPO."""
+    online_dpo_prompts: int = 32
+    """Prompts per online DPO update, each sampled twice (as many episodes as a PPO update)."""
+    online_dpo_minibatch: int = 8
+    """Pairs per online DPO optimizer step."""
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchmarkSettings:
@@ -116,6 +133,8 @@ class BenchmarkSettings:
             iterative_rs_rounds=2,
             iterative_ppo_updates=60,
             sb3_timesteps=20000,
+            token_budget=256_000,
+            online_dpo_prompts=64,
         )
         values.update(overrides)
         return cls(**values)
@@ -149,6 +168,10 @@ class BenchmarkSettings:
             iterative_rs_rounds=1,
             iterative_ppo_updates=1,
             sb3_timesteps=64,
+            token_budget=160,
+            dpo_batch_size=16,
+            online_dpo_prompts=4,
+            online_dpo_minibatch=4,
         )
         values.update(overrides)
         return cls(**values)

@@ -99,6 +99,8 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
         "rejection-sampling",
         "rs-then-ppo",
         "sb3-ppo",
+        "dpo",
+        "online-dpo",
         "always-random",
     ):
         assert expected in names, (expected, names)
@@ -114,6 +116,16 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert payload["best_of_k"][0]["k"] == 1 and payload["best_of_k"][-1]["kl_theory"] > 0
     assert {"rm_helpfulness", "rm_safety"} <= set(payload["reward_models"])
     assert payload["curves"]["ppo"][0]["update"] == 0 and len(payload["curves"]["ppo"]) >= 2
+    # DPO trains on both preference files the reward models learn from; online DPO spends the token budget.
+    dpo = result.records["dpo"]
+    assert dpo["data"] == ["preferences_helpfulness.jsonl", "preferences_safety.jsonl"]
+    assert dpo["pairs"] > 100 and len(dpo["history"]) == -(-dpo["pairs"] // settings.dpo_batch_size)
+    assert "preference data" in rows["dpo"]["note"]
+    online = result.records["online-dpo"]
+    assert online["sampled_tokens"] >= settings.token_budget
+    assert (
+        online["history"][-2]["sampled_tokens"] < settings.token_budget
+    )  # it stops once the budget is spent
     with open(out / "leaderboard.csv") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert [r["agent"] for r in csv_rows] == [r["agent"] for r in payload["leaderboard"]]
