@@ -108,7 +108,8 @@ def test_token_budget_stops_the_run(fresh_policy, tokenizer, task_prompts, task_
 
 
 def test_resume_matches_the_uninterrupted_run(fresh_policy, tokenizer, task_prompts, task_reward, tmp_path):
-    config = OnlineDPOConfig(**{**FAST, "learning_rate": 3e-3}, epochs=2, lr_schedule="cosine")
+    options = {**FAST, "learning_rate": 3e-3, "prompts_per_update": 8, "minibatch_size": 4}
+    config = OnlineDPOConfig(**options, epochs=2, lr_schedule="cosine")
     straight = OnlineDPOAgent(fresh_policy(), tokenizer, config)
     full = straight.train(make(straight, task_prompts, task_reward), 4)
 
