@@ -89,13 +89,13 @@ class BenchmarkSettings:
     30 updates x 64 episodes x ~20 tokens); the offline DPO row samples nothing and states its data."""
     dpo_beta: float = 0.1
     """beta of the offline and online DPO rows (Rafailov et al. 2023; Guo et al. 2024)."""
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 3e-4
     """Learning rate of offline DPO."""
     dpo_epochs: int = 1
     """Passes of offline DPO over the preference data."""
     dpo_batch_size: int = 32
     """Preference pairs per offline DPO step."""
-    online_dpo_lr: float = 1e-4
+    online_dpo_lr: float = 2e-4
     """Learning rate of online DPO."""
     online_dpo_prompts: int = 32
     """Prompts per online DPO update, each sampled twice (as many episodes as a PPO update)."""
