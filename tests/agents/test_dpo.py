@@ -205,15 +205,19 @@ def test_offline_dpo_raises_the_reward_on_the_tiny_task(
     assert len(history) == 4 * 4 and history[-1]["step"] == 16
 
 
-def test_offline_dpo_with_lora_trains_only_the_adapters(fresh_policy, tokenizer, task_prompts, task_reward):
+def test_offline_dpo_with_lora_trains_only_the_adapters(
+    fresh_policy, tokenizer, task_prompts, task_reward, tmp_path
+):
     base = fresh_policy()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    agent = DPOAgent(base, tokenizer, DPOConfig(**{**FAST, "epochs": 1, "learning_rate": 3e-2}, lora_rank=4))
+    options = {**FAST, "epochs": 1, "learning_rate": 3e-2}
+    agent = DPOAgent(base, tokenizer, DPOConfig(**options, lora_rank=4, log_dir=str(tmp_path / "tb")))
     assert agent.reference is None  # the adapter-disabled base
     history = agent.train(task_pairs(task_prompts, task_reward, tokenizer))
     assert history[0]["loss"] == pytest.approx(math.log(2))
     assert history[-1]["reward_margin"] > 0
     assert all("lora_" in n for n, p in agent.policy.named_parameters() if p.requires_grad)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard logs
     merged = agent.policy.get_base_model().state_dict()
     for name, value in before.items():
         key = next(k for k in merged if k.replace("base_layer.", "") == name)

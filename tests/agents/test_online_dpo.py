@@ -69,11 +69,14 @@ def test_all_ties_take_no_step_and_are_counted(fresh_policy, tokenizer, task_pro
 
 
 def test_online_dpo_with_lora_uses_the_fused_adapter_disabled_reference(
-    fresh_policy, tokenizer, task_prompts, task_reward
+    fresh_policy, tokenizer, task_prompts, task_reward, tmp_path
 ):
     base = fresh_policy()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    agent = OnlineDPOAgent(base, tokenizer, OnlineDPOConfig(**{**FAST, "learning_rate": 3e-2}, lora_rank=4))
+    options = {**FAST, "learning_rate": 3e-2}
+    agent = OnlineDPOAgent(
+        base, tokenizer, OnlineDPOConfig(**options, lora_rank=4, log_dir=str(tmp_path / "tb"))
+    )
     env = make(agent, task_prompts, task_reward)
     assert agent.reference is None and env.fused_policy is agent.policy  # one decode for policy and reference
     history = agent.train(env, 3)
@@ -82,6 +85,7 @@ def test_online_dpo_with_lora_uses_the_fused_adapter_disabled_reference(
         p.abs().max() > 0 for n, p in agent.policy.named_parameters() if "lora_B" in n
     )  # adapters moved
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the env's reference is the policy's base
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard logs
     merged = agent.policy.get_base_model().state_dict()
     for name, value in before.items():  # the base never changes: it stays the reference
         key = next(k for k in merged if k.replace("base_layer.", "") == name)
