@@ -10,11 +10,16 @@
   each with its config; the KL in the reward or in the loss; a budget of sampled tokens.
 * :class:`RejectionSamplingAgent`: Llama 2's best-of-k sampling and fine-tuning, with the best-of-k KL.
 * :func:`sft_train`: supervised fine-tuning with the loss on response tokens only.
+* :class:`DPOAgent` (+ :class:`DPOConfig`, :func:`dpo_loss`): offline DPO (Rafailov et al. 2023) and IPO
+  (Azar et al. 2023) on preference pairs, against the frozen (or adapter-disabled LoRA) reference.
+* :class:`OnlineDPOAgent` (+ :class:`OnlineDPOConfig`): online DPO (Guo et al. 2024), two samples per prompt
+  through the environment, ranked by the reward model.
 * :func:`iterative_rlhf`: rejection-sampling rounds V1..Vn, then PPO (Llama 2).
 * :class:`LMActorCriticPolicy`: lets unmodified Stable-Baselines3 PPO train a transformers LM on TextGenEnv.
 """
 
 from agents.dapo import DAPOAgent, DAPOConfig
+from agents.dpo import DPOAgent, DPOConfig, dpo_loss, load_preference_pairs
 from agents.dr_grpo import DrGRPOAgent, DrGRPOConfig
 from agents.grpo import GRPOAgent, GRPOConfig
 from agents.gspo import GSPOAgent, GSPOConfig
@@ -29,6 +34,7 @@ from agents.losses import (
     policy_loss,
     value_loss,
 )
+from agents.online_dpo import OnlineDPOAgent, OnlineDPOConfig
 from agents.pg import PGAgent, PGConfig
 from agents.pipeline import IterativeConfig, IterativeResult, iterative_rlhf
 from agents.policy import (
@@ -59,6 +65,8 @@ __all__ = [
     "Agent",
     "DAPOAgent",
     "DAPOConfig",
+    "DPOAgent",
+    "DPOConfig",
     "DrGRPOAgent",
     "DrGRPOConfig",
     "FixedKLController",
@@ -71,6 +79,8 @@ __all__ = [
     "LMActorCriticPolicy",
     "LMFeaturesExtractor",
     "LearningAgent",
+    "OnlineDPOAgent",
+    "OnlineDPOConfig",
     "PGAgent",
     "PGConfig",
     "PPOAgent",
@@ -94,9 +104,11 @@ __all__ = [
     "best_of_k_kl_theory",
     "clipped_surrogate",
     "collect_episodes",
+    "dpo_loss",
     "explained_variance",
     "gae",
     "iterative_rlhf",
+    "load_preference_pairs",
     "load_sft_data",
     "masked_mean",
     "masked_whiten",

@@ -21,6 +21,8 @@ from gymnasium.vector import AutoresetMode
 from agents import (
     DAPOAgent,
     DAPOConfig,
+    DPOAgent,
+    DPOConfig,
     DrGRPOAgent,
     DrGRPOConfig,
     GRPOAgent,
@@ -29,6 +31,8 @@ from agents import (
     GSPOConfig,
     IterativeConfig,
     LMActorCriticPolicy,
+    OnlineDPOAgent,
+    OnlineDPOConfig,
     PPOAgent,
     PPOConfig,
     ReinforcePPAgent,
@@ -42,6 +46,7 @@ from agents import (
     SFTConfig,
     TokenSampler,
     iterative_rlhf,
+    load_preference_pairs,
 )
 from agents.pg import PGAgent, PGConfig
 from llm_env import TextGenEnv, TokenActions
@@ -360,3 +365,67 @@ def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
     model.learn(total_timesteps=max(s.sb3_timesteps, n_steps * 4), progress_bar=False)
     ctx.record("sb3-ppo", score_history=history)
     return SB3Agent(model, seed=s.seed)
+
+
+PREFERENCE_FILES = ("preferences_helpfulness.jsonl", "preferences_safety.jsonl")
+"""The benchmark's preference data, in the artifacts directory: what the two reward models learn from."""
+
+
+@register_agent(
+    "dpo",
+    description="offline DPO (Rafailov et al. 2023, beta from the settings) on the benchmark's preference data: "
+    "the helpfulness and safety comparisons of SFT samples the reward models learn from (no sampling, no "
+    "reward model)",
+)
+def dpo_agent(ctx: BenchmarkContext) -> DPOAgent:
+    s = ctx.settings
+    if ctx.artifacts.directory is None:
+        raise ValueError(
+            "the dpo row trains on the built-in task's preference data, which your own models do not come "
+            "with: choose the other rows with --agents"
+        )
+    files = [ctx.artifacts.directory / name for name in PREFERENCE_FILES]
+    config = DPOConfig(
+        beta=s.dpo_beta,
+        learning_rate=s.dpo_lr,
+        epochs=s.dpo_epochs,
+        batch_size=s.dpo_batch_size,
+        seed=s.seed,
+        log_dir=str(ctx.out_dir / "tensorboard" / "dpo"),
+        progress=ctx.progress,
+    )
+    agent = DPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
+    pairs = load_preference_pairs(*files)
+    history = agent.train(pairs)
+    ctx.record("dpo", data=[f.name for f in files], pairs=len(pairs), epochs=s.dpo_epochs, history=history)
+    return agent
+
+
+@register_agent(
+    "online-dpo",
+    description="online DPO (Guo et al. 2024, beta from the settings): two samples per prompt through the "
+    "environment, the proxy reward model picks chosen and rejected; the same sampled-token budget as the "
+    "policy-gradient agents",
+)
+def online_dpo_agent(ctx: BenchmarkContext) -> OnlineDPOAgent:
+    s = ctx.settings
+    config = OnlineDPOConfig(
+        beta=s.dpo_beta,
+        learning_rate=s.online_dpo_lr,
+        prompts_per_update=s.online_dpo_prompts,
+        minibatch_size=min(s.online_dpo_minibatch, s.online_dpo_prompts),
+        seed=s.seed,
+        log_dir=str(ctx.out_dir / "tensorboard" / "online-dpo"),
+        progress=ctx.progress,
+    )
+    agent = OnlineDPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
+    env = ctx.make_env(kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED)
+    history = agent.train(env, total_tokens=s.token_budget)
+    ctx.record(
+        "online-dpo",
+        history=history,
+        sampled_tokens=agent.sampled_tokens,
+        token_budget=s.token_budget,
+        ties=agent.ties,
+    )
+    return agent

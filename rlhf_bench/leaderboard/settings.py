@@ -60,7 +60,8 @@ class BenchmarkSettings:
     """Sampled response tokens per policy-optimisation run (PPO, its sweep and the critic-free agents): each
     stops after the update at which its rollouts reach it. Every generated token counts, ReMax's greedy
     baselines and DAPO's dropped groups included; each row records what it actually sampled. 36,000 is
-    about PPO's former 30 updates of 64 episodes (about 19 tokens each on the quick task)."""
+    about PPO's former 30 updates of 64 episodes (about 19 tokens each on the quick task). The offline DPO
+    row samples nothing and states its data instead."""
     ppo_episodes: int = 64
     """Episodes per update of every policy-optimisation agent (PPO's rollout; prompts x group size)."""
     ppo_lr: float = 1e-4
@@ -88,6 +89,20 @@ class BenchmarkSettings:
     """PPO updates of the iterative pipeline."""
     sb3_timesteps: int = 3072
     """Environment steps of the Stable-Baselines3 PPO run."""
+    dpo_beta: float = 0.1
+    """beta of the offline and online DPO rows (Rafailov et al. 2023; Guo et al. 2024)."""
+    dpo_lr: float = 3e-4
+    """Learning rate of offline DPO."""
+    dpo_epochs: int = 1
+    """Passes of offline DPO over the preference data."""
+    dpo_batch_size: int = 32
+    """Preference pairs per offline DPO step."""
+    online_dpo_lr: float = 2e-4
+    """Learning rate of online DPO."""
+    online_dpo_prompts: int = 32
+    """Prompts per online DPO update, each sampled twice (as many episodes as a PPO update)."""
+    online_dpo_minibatch: int = 8
+    """Pairs per online DPO optimizer step."""
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchmarkSettings:
@@ -119,6 +134,7 @@ class BenchmarkSettings:
             iterative_rs_rounds=2,
             iterative_ppo_updates=60,
             sb3_timesteps=20000,
+            online_dpo_prompts=64,
         )
         values.update(overrides)
         return cls(**values)
@@ -152,6 +168,9 @@ class BenchmarkSettings:
             iterative_rs_rounds=1,
             iterative_ppo_updates=1,
             sb3_timesteps=64,
+            dpo_batch_size=16,
+            online_dpo_prompts=4,
+            online_dpo_minibatch=4,
         )
         values.update(overrides)
         return cls(**values)

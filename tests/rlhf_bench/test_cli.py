@@ -4,11 +4,13 @@ import dataclasses
 
 import pytest
 
-from agents.cli import ENV_OPTIONS, PG_AGENTS, RunOptions
+from agents.cli import ENV_OPTIONS, PG_AGENTS, DPORunOptions, RunOptions
 from agents.dapo import DAPOConfig
+from agents.dpo import DPOConfig
 from agents.dr_grpo import DrGRPOConfig
 from agents.grpo import GRPOConfig
 from agents.gspo import GSPOConfig
+from agents.online_dpo import OnlineDPOConfig
 from agents.ppo import PPOConfig
 from agents.reinforce_pp import ReinforcePPConfig
 from agents.rejection import RejectionSamplingConfig
@@ -29,6 +31,8 @@ COMMANDS = {
     "rloo": [RunOptions, RLOOConfig],
     "reinforce-pp": [RunOptions, ReinforcePPConfig],
     "remax": [RunOptions, ReMaxConfig],
+    "dpo": [DPORunOptions, DPOConfig],
+    "online-dpo": [RunOptions, OnlineDPOConfig],
     "train-rm": [RewardTrainingConfig],
     "bench-throughput": [ThroughputSettings],
     "benchmark": [],
@@ -61,7 +65,12 @@ def test_options_are_generated_from_the_config_dataclasses(command):
             flag for flag in _flags(cls) if not flag.startswith("--sft")
         }  # nested SFT config: prefixed
         assert expected <= options, (cls.__name__, expected - options)
-    if command in ("ppo", "rejection-sampling", *PG_AGENTS):  # the critic-free configs own --kl-estimator
+    if command in (
+        "ppo",
+        "rejection-sampling",
+        "online-dpo",
+        *PG_AGENTS,
+    ):  # the critic-free configs own --kl-estimator
         assert {"--" + name.replace("_", "-") for name in ENV_OPTIONS} <= options
     if command in PG_AGENTS:
         assert {"--updates", "--total-tokens"} <= options
@@ -71,6 +80,7 @@ def test_options_are_generated_from_the_config_dataclasses(command):
 def test_every_device_option_defaults_to_auto():
     assert EnvConfig.__dataclass_fields__["device"].default == "auto"
     assert RunOptions.device == "auto"
+    assert DPORunOptions.device == "auto"
     assert RewardTrainingConfig.device == "auto"
     assert ThroughputSettings.device == "auto"
     benchmark = build_parser()._subparsers._group_actions[0].choices["benchmark"]

@@ -97,7 +97,17 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     names = [row.agent for row in result.rows]
     budgeted = ["ppo", "ppo-beta-0.002", "grpo", "grpo-kl-loss", "rloo"]
     budgeted += ["dr-grpo", "dapo", "gspo", "reinforce-pp", "remax"]
-    for expected in ("sft", "best-of-2", "random", "rejection-sampling", "rs-then-ppo", "sb3-ppo", *budgeted):
+    for expected in (
+        "sft",
+        "best-of-2",
+        "random",
+        "rejection-sampling",
+        "rs-then-ppo",
+        "sb3-ppo",
+        "dpo",
+        "online-dpo",
+        *budgeted,
+    ):
         assert expected in names, (expected, names)
     assert "always-random" in names
     assert any(line.startswith("cached the SFT policy") for line in logs)
@@ -129,6 +139,16 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
         assert payload["histories"][name][-1]["sampled_tokens"] == budget["sampled_tokens"]
         assert f"{budget['sampled_tokens']:,} response tokens sampled" in rows[name]["note"]
     assert payload["histories"]["grpo-kl-loss"][-1]["kl_loss"] >= 0
+    # DPO trains on both preference files the reward models learn from; online DPO spends the token budget.
+    dpo = result.records["dpo"]
+    assert dpo["data"] == ["preferences_helpfulness.jsonl", "preferences_safety.jsonl"]
+    assert dpo["pairs"] > 100 and len(dpo["history"]) == -(-dpo["pairs"] // settings.dpo_batch_size)
+    assert "preference data" in rows["dpo"]["note"]
+    online = result.records["online-dpo"]
+    assert online["sampled_tokens"] >= settings.token_budget
+    assert (
+        online["history"][-2]["sampled_tokens"] < settings.token_budget
+    )  # it stops once the budget is spent
     with open(out / "leaderboard.csv") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert [r["agent"] for r in csv_rows] == [r["agent"] for r in payload["leaderboard"]]
