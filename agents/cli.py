@@ -1,9 +1,13 @@
-"""``llm-env ppo`` and ``llm-env rejection-sampling``: the agents from the command line.
+"""``llm-env ppo``, ``rejection-sampling``, the critic-free agents (``grpo``, ``dr-grpo``, ``dapo``, ``gspo``,
+``rloo``, ``reinforce-pp``, ``remax``), ``dpo`` and ``online-dpo``: the agents from the command line.
 
 Every option is generated from a dataclass, so the command line has exactly the fields, defaults and help
 of the library: :class:`RunOptions` (models, data, output), the environment's options from
 :class:`llm_env.EnvConfig` (``--max-new-tokens``, ``--kl-estimator``, ...) and the agent's config
-(``--learning-rate``, ``--episodes-per-update``, ``--k``, ``--sft-epochs``, ...).
+(``--learning-rate``, ``--episodes-per-update``, ``--k``, ``--group-size``, ``--kl-in``, ...).
+
+They run on N processes under ``torchrun --nproc-per-node N -m rlhf_bench ppo ...``: every rank trains
+on its share of the prompts and rank 0 writes the policy, ``history.json`` and the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,12 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.dapo import DAPOAgent
+from agents.dpo import DPOAgent, DPOConfig, load_preference_pairs
+from agents.dr_grpo import DrGRPOAgent
+from agents.grpo import GRPOAgent
+from agents.gspo import GSPOAgent
+from agents.online_dpo import OnlineDPOAgent, OnlineDPOConfig
+from agents.pg import PGAgent
 from agents.ppo import PPOAgent, PPOConfig
+from agents.reinforce_pp import ReinforcePPAgent
 from agents.rejection import RejectionSamplingAgent, RejectionSamplingConfig
+from agents.remax import ReMaxAgent
+from agents.rloo import RLOOAgent
 from llm_env import EnvConfig
 from llm_env.config_cli import add_dataclass_arguments, dataclass_from_args, options_from_args
+from llm_env.distributed import is_main_process
 
-__all__ = ["ENV_OPTIONS", "RunOptions", "add_parser"]
+__all__ = ["ENV_OPTIONS", "PG_AGENTS", "DPORunOptions", "RunOptions", "add_parser"]
 
 
 @dataclass
@@ -46,6 +61,28 @@ class RunOptions:
     """Continue from the checkpoint in OUT/checkpoint."""
 
 
+@dataclass
+class DPORunOptions:
+    """What offline DPO needs besides its config: preference data instead of prompts and a reward model."""
+
+    policy: str
+    """SFT model to optimise: local path or hub name."""
+    data: tuple[str, ...]
+    """Preference JSONL file(s): {"prompt", "chosen", "rejected"} per line (as rewards.save_preferences writes)."""
+    out: str
+    """Directory for the final model, the metrics and the checkpoint."""
+    reference: str | None = None
+    """KL reference (default: the policy's initial weights, or its base with the LoRA adapter disabled)."""
+    tokenizer: str | None = None
+    """Tokenizer path (default: the policy's)."""
+    device: str = "auto"
+    """cpu, cuda, cuda:1 or auto (CUDA when available)."""
+    resume: bool = False
+    """Continue from the checkpoint in OUT/checkpoint."""
+    checkpoint_every: int = 100
+    """Write the checkpoint every this many optimizer steps (and at the end)."""
+
+
 ENV_OPTIONS = (
     "kl_estimator",
     "max_new_tokens",
@@ -63,12 +100,29 @@ ENV_OPTIONS = (
 agent: the tokenizer, the reference, ``kl_coef``, the device)."""
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+PG_AGENTS: dict[str, tuple[type[PGAgent], str]] = {
+    "grpo": (GRPOAgent, "GRPO (Shao et al. 2024): group-normalised advantages, PPO clip, no critic"),
+    "dr-grpo": (DrGRPOAgent, "Dr. GRPO (Liu et al. 2025): GRPO without std division and length bias"),
+    "dapo": (DAPOAgent, "DAPO (Yu et al. 2025): clip-higher, token-level loss, dynamic sampling"),
+    "gspo": (GSPOAgent, "GSPO (Zheng et al. 2025): clipped sequence-level importance ratio"),
+    "rloo": (RLOOAgent, "RLOO (Ahmadian et al. 2024): REINFORCE with a leave-one-out baseline"),
+    "reinforce-pp": (ReinforcePPAgent, "REINFORCE++ (Hu 2025): per-token KL returns, batch-normalised"),
+    "remax": (ReMaxAgent, "ReMax (Li et al. 2023): REINFORCE with the greedy response as baseline"),
+}
+"""The critic-free subcommands: agent class (its ``config_class`` gives the options) and one-line help."""
+
+PG_ENV_OPTIONS = tuple(name for name in ENV_OPTIONS if name != "kl_estimator")
+"""The environment options of the critic-free commands: their config's ``--kl-estimator`` sets the env's."""
+
+
+def _add_common(parser: argparse.ArgumentParser, env_options: tuple[str, ...] = ENV_OPTIONS) -> None:
     add_dataclass_arguments(parser, RunOptions)
-    add_dataclass_arguments(parser, EnvConfig, include=ENV_OPTIONS)
+    add_dataclass_arguments(parser, EnvConfig, include=env_options)
 
 
 def _write_history(out: Path, history: list[dict[str, float]]) -> None:
+    if not is_main_process():
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.json").write_text(json.dumps(history, indent=2))
 
@@ -84,8 +138,10 @@ def _ppo(args: argparse.Namespace) -> int:
     env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
     env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
     history = agent.train(env, args.updates, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")
+    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
     _write_history(out, history)
+    if not is_main_process():
+        return 0
     last = history[-1] if history else {}
     print(
         f"ppo: {agent.update} updates, final score {last.get('score', float('nan')):.4f}, "
@@ -108,8 +164,10 @@ def _rejection(args: argparse.Namespace) -> int:
         run.prompts, run.reward, num_envs=run.num_envs, reference=run.reference or run.policy, **env_options
     )
     history = agent.train(env, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")
+    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
     _write_history(out, history)
+    if not is_main_process():
+        return 0
     for stats in history:
         measured = stats.get("kl_best_of_k_measured", float("nan"))
         print(
@@ -121,8 +179,81 @@ def _rejection(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pg(args: argparse.Namespace) -> int:
+    agent_class, _ = PG_AGENTS[args.command_name]
+    run = dataclass_from_args(RunOptions, args)
+    config = dataclass_from_args(agent_class.config_class, args)
+    out = Path(run.out)
+    agent = agent_class(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
+    checkpoint = out / "checkpoint"
+    if run.resume:
+        agent.load_checkpoint(checkpoint)
+    env_options = options_from_args(EnvConfig, args, include=PG_ENV_OPTIONS)
+    env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
+    updates = args.updates if args.updates is not None or args.total_tokens is not None else 100
+    history = agent.train(env, updates, total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
+    agent.save_pretrained(out / "policy")
+    _write_history(out, history)
+    last = history[-1] if history else {}
+    print(
+        f"{agent.algorithm}: {agent.update} updates, {agent.sampled_tokens} sampled tokens, final score "
+        f"{last.get('score', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}"
+    )
+    print(f"saved the policy to {out / 'policy'}")
+    return 0
+
+
+def _dpo(args: argparse.Namespace) -> int:
+    run = dataclass_from_args(DPORunOptions, args)
+    config = dataclass_from_args(DPOConfig, args)
+    out = Path(run.out)
+    agent = DPOAgent(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
+    checkpoint = out / "checkpoint"
+    if run.resume:
+        agent.load_checkpoint(checkpoint)
+    pairs = agent.tokenize(load_preference_pairs(*run.data))
+    history = agent.train(pairs, checkpoint_dir=checkpoint, checkpoint_every=run.checkpoint_every)
+    agent.save_pretrained(out / "policy")
+    _write_history(out, history)
+    if not is_main_process():
+        return 0
+    last = history[-1] if history else {}
+    print(
+        f"{config.loss_type}: {agent.step} steps on {len(pairs)} pairs, final loss "
+        f"{last.get('loss', float('nan')):.4f}, implicit-reward accuracy {last.get('reward_accuracy', float('nan')):.3f}"
+    )
+    print(f"saved the policy to {out / 'policy'}")
+    return 0
+
+
+def _online_dpo(args: argparse.Namespace) -> int:
+    run = dataclass_from_args(RunOptions, args)
+    config = dataclass_from_args(OnlineDPOConfig, args)
+    out = Path(run.out)
+    agent = OnlineDPOAgent(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
+    checkpoint = out / "checkpoint"
+    if run.resume:
+        agent.load_checkpoint(checkpoint)
+    env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
+    env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
+    updates = args.updates if args.updates is not None or args.total_tokens is not None else 100
+    history = agent.train(env, updates, total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
+    agent.save_pretrained(out / "policy")
+    _write_history(out, history)
+    if not is_main_process():
+        return 0
+    last = history[-1] if history else {}
+    print(
+        f"online-dpo: {agent.update} updates, {agent.sampled_tokens} sampled tokens, {agent.ties} tied pairs "
+        f"skipped, final score {last.get('score', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}"
+    )
+    print(f"saved the policy to {out / 'policy'}")
+    return 0
+
+
 def add_parser(subparsers: Any) -> None:
-    """Register ``ppo`` and ``rejection-sampling``."""
+    """Register ``ppo``, ``rejection-sampling``, one command per critic-free agent, ``dpo`` and
+    ``online-dpo``."""
     ppo = subparsers.add_parser("ppo", help="token-level PPO through the environment")
     _add_common(ppo)
     ppo.add_argument("--updates", type=int, default=100, help="total PPO updates (default: 100)")
@@ -133,3 +264,33 @@ def add_parser(subparsers: Any) -> None:
     _add_common(rs)
     add_dataclass_arguments(rs, RejectionSamplingConfig)
     rs.set_defaults(func=_rejection)
+
+    for name, (agent_class, summary) in PG_AGENTS.items():
+        sub = subparsers.add_parser(name, help=summary, description=summary)
+        _add_common(sub, PG_ENV_OPTIONS)
+        sub.add_argument(
+            "--updates", type=int, help="total updates (default: 100 unless --total-tokens is given)"
+        )
+        sub.add_argument(
+            "--total-tokens", type=int, help="stop once the rollouts have sampled this many response tokens"
+        )
+        add_dataclass_arguments(sub, agent_class.config_class)
+        sub.set_defaults(func=_pg, command_name=name)
+
+    dpo = subparsers.add_parser("dpo", help="offline DPO or IPO on preference pairs (Rafailov et al. 2023)")
+    add_dataclass_arguments(dpo, DPORunOptions)
+    add_dataclass_arguments(dpo, DPOConfig)
+    dpo.set_defaults(func=_dpo)
+
+    online = subparsers.add_parser(
+        "online-dpo", help="online DPO: two samples per prompt ranked by the reward model (Guo et al. 2024)"
+    )
+    _add_common(online)
+    online.add_argument(
+        "--updates", type=int, help="total updates (default: 100 unless --total-tokens is given)"
+    )
+    online.add_argument(
+        "--total-tokens", type=int, help="stop once the rollouts have sampled this many response tokens"
+    )
+    add_dataclass_arguments(online, OnlineDPOConfig)
+    online.set_defaults(func=_online_dpo)

@@ -1,6 +1,9 @@
-"""Advantage estimation and the PPO losses, as plain functions on (N, T) tensors with a token mask.
+"""Advantage estimation and the policy-gradient losses, as plain functions on (N, T) tensors with a token mask.
 
-All means are over the real tokens of the batch (``mask``), the convention of TRL's PPO trainer.
+PPO's means are over the real tokens of the batch (``mask``), the convention of TRL's PPO trainer. The
+critic-free agents (:mod:`agents.pg`) share the clipped surrogate (:func:`clipped_surrogate`, with the
+asymmetric clip of DAPO) and differ in how they average it over tokens and sequences
+(:func:`aggregate_loss`).
 """
 
 from __future__ import annotations
@@ -8,6 +11,9 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
+    "aggregate_loss",
+    "clipped_surrogate",
     "explained_variance",
     "gae",
     "masked_mean",
@@ -68,6 +74,73 @@ def gae(
     return advantages, (advantages + values) * maskf
 
 
+def clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate ``-min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)`` with
+    ``rho = exp(logprobs - old_logprobs)`` (Schulman et al. 2017, eq. 7, negated for minimisation).
+
+    ``clip_high`` (default ``clip_low``) is DAPO's clip-higher (Yu et al. 2025): a wider upper bound lets
+    the probability of unlikely tokens with a positive advantage grow. Returns ``(loss, ratio, clipped)``,
+    each shaped like the inputs; ``clipped`` marks the tokens where the clipped term is the active one.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+"""How a per-token loss becomes a scalar, the choice that separates GRPO, Dr. GRPO, DAPO and REINFORCE."""
+
+
+def aggregate_loss(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    num_sequences: int | None = None,
+    num_tokens: int | float | torch.Tensor | None = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss ``values`` (N, T) over the real tokens ``mask`` to a scalar.
+
+    * ``"token-mean"``: sum over every token of the batch / number of tokens (DAPO, Yu et al. 2025: long
+      responses weigh as much per token as short ones);
+    * ``"seq-mean-token-mean"``: mean over the tokens of each response, then over responses (GRPO, Shao
+      et al. 2024: ``1/G sum_i 1/|y_i| sum_t``);
+    * ``"seq-mean-token-sum"``: sum over the tokens of each response, mean over responses (REINFORCE on
+      the sequence log-probability: RLOO, Ahmadian et al. 2024; ReMax, Li et al. 2023);
+    * ``"seq-mean-token-sum-norm"``: the token sum divided by the constant ``max_length`` instead of
+      ``|y_i|``, then the mean over responses (Dr. GRPO, Liu et al. 2025: no length bias).
+
+    ``num_sequences`` and ``num_tokens`` default to those of this batch; pass the totals of the whole
+    minibatch when ``values`` is one micro-batch of it, so that the micro-batch losses add up to the
+    minibatch loss exactly (gradient accumulation).
+    """
+    maskf = mask.to(values.dtype)
+    total = values * maskf
+    sequences = float(values.shape[0] if num_sequences is None else num_sequences)
+    if mode == "token-mean":
+        tokens = maskf.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=values.dtype)
+        return total.sum() / tokens.clamp(min=1.0)
+    if mode == "seq-mean-token-mean":
+        return (total.sum(dim=1) / maskf.sum(dim=1).clamp(min=1.0)).sum() / sequences
+    if mode == "seq-mean-token-sum":
+        return total.sum() / sequences
+    if mode == "seq-mean-token-sum-norm":
+        if max_length is None or max_length < 1:
+            raise ValueError(f"'seq-mean-token-sum-norm' needs max_length >= 1, got {max_length}")
+        return total.sum() / (sequences * max_length)
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -76,20 +149,17 @@ def policy_loss(
     *,
     clip_range: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated for minimisation.
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated for minimisation, averaged over tokens.
 
     Also returns the clip fraction and ``approx_kl = E[(r - 1) - log r]`` (the k3 estimator of
     KL(old || new), http://joschu.net/blog/kl-approx.html).
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token, ratio, clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_low=clip_range)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+            "clipfrac": masked_mean(clipped.float(), mask),
+            "approx_kl": masked_mean(ratio - 1.0 - (logprobs - old_logprobs), mask),
             "ratio": masked_mean(ratio, mask),
         }
     return loss, stats

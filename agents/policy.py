@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llm_env import IncrementalLM, TextGenVectorEnv, TokenActions
 from llm_env.decoding import host_to_device, left_pad
+from llm_env.distributed import full_state_dict, is_main_process, is_sharded
 from llm_env.models import load_causal_lm, load_tokenizer, model_device, resolve_device, unwrap_model
 
 __all__ = [
@@ -255,13 +257,36 @@ def load_policy(
 
 
 def save_policy(model: nn.Module, tokenizer: Any, path: Any) -> None:
-    """Save a policy as a plain transformers checkpoint (LoRA adapters merged into a copy) with its tokenizer."""
-    import copy
+    """Save a policy as a plain transformers checkpoint (LoRA adapters merged into a copy) with its tokenizer.
 
+    On N processes every rank calls it and rank 0 writes; an FSDP-sharded policy is gathered first (a
+    collective) into a plain copy on rank 0's CPU.
+    """
+    if is_sharded(model):
+        state = full_state_dict(model)
+        if not is_main_process():
+            return
+        model = _unsharded_copy(model, state)
+    elif not is_main_process():
+        return
     if hasattr(model, "merge_and_unload"):
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def _unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain CPU model of ``model``'s architecture (and LoRA configuration) holding the weights ``state``."""
+    from transformers import AutoModelForCausalLM
+
+    base = unwrap_model(model)
+    plain = AutoModelForCausalLM.from_config(base.config)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, copy.deepcopy(model.peft_config[model.active_adapter]))
+    plain.load_state_dict(state, strict=False)
+    return plain.to(next(p for p in base.parameters() if p.is_floating_point()).dtype)
 
 
 @dataclass

@@ -9,6 +9,14 @@ loss, an optional entropy bonus and the optional PPO-ptx language-modelling term
 
 Reading order: :class:`PPOConfig` (every knob, with defaults from TRL's PPO trainer and Llama 2),
 :meth:`PPOAgent.act` (acting), :meth:`PPOAgent.learn` (the update), :meth:`PPOAgent.train` (the loop).
+
+On N processes (``torchrun --nproc-per-node N``, see :mod:`llm_env.distributed`) each rank collects
+``episodes_per_update / N`` episodes on its own shard of the prompts and holds ``minibatch_size / N``
+episodes of every minibatch; advantages are whitened with the mean and variance of all ranks' tokens, the
+loss of a minibatch is normalised by its token count over all ranks and the gradients are averaged by
+DDP (or reduce-scattered by FSDP2), so an update equals the single-process update on the same episodes.
+The KL that drives the adaptive controller and the logged statistics are global too; rank 0 writes logs,
+TensorBoard and checkpoints.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from agents.checkpoint import load_training_state, save_training_state
 from agents.kl_controllers import AdaptiveKLController, FixedKLController
-from agents.losses import explained_variance, gae, masked_mean, masked_whiten, policy_loss, value_loss
+from agents.losses import gae, masked_mean, policy_loss, value_loss
 from agents.policy import (
     SequenceBatch,
     TokenSampler,
@@ -42,7 +50,25 @@ from agents.policy import (
     save_policy,
 )
 from agents.rollout import Trajectories, collect_episodes
+from agents.tracking import append_stat, jsonable, tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
+from llm_env.distributed import (
+    Strategy,
+    all_reduce_means,
+    all_reduce_sum,
+    check_divisible,
+    data_parallel,
+    full_parameters,
+    global_masked_mean,
+    global_masked_var,
+    global_masked_whiten,
+    gradient_sync,
+    init_distributed,
+    is_main_process,
+    rank_seed,
+    shard_prompts,
+    world_size,
+)
 from llm_env.kl import check_kl_coef
 from llm_env.models import pad_token_id
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
@@ -123,6 +149,11 @@ class PPOConfig:
     cuda_graphs: bool = False
     """Replay the decode steps of the agent's sampler and of environments built by :meth:`PPOAgent.make_env`
     as CUDA graphs (CUDA only; see :class:`llm_env.IncrementalLM`)."""
+    strategy: Strategy = "ddp"
+    """On several processes (torchrun): "ddp" keeps a replica of the policy per rank and averages gradients
+    (DistributedDataParallel); "fsdp" shards parameters, gradients and optimizer state across ranks (FSDP2
+    ``fully_shard``) for a policy whose training state does not fit one device (rollouts gather the full
+    weights, which must fit one device). Works with LoRA; ignored in one process."""
     seed: int = 0
     """Seed of everything random: rollout prompts, sampling, minibatch order."""
     log_dir: str | None = None
@@ -157,8 +188,44 @@ class PPOConfig:
         check(self.ptx_coef >= 0, "ptx_coef must be >= 0")
         check(self.lora_rank >= 0, "lora_rank must be >= 0 (0 disables LoRA)")
         check(self.reward_clip is None or self.reward_clip > 0, "reward_clip must be > 0 or None")
+        check(self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if isinstance(self.lora_target_modules, list):
             self.lora_target_modules = tuple(self.lora_target_modules)
+
+    def check_world_size(self, world: int) -> None:
+        """Fail before any work when ``world`` processes cannot split the rollout and the minibatches evenly."""
+        for name in ("episodes_per_update", "minibatch_size"):
+            check_divisible(
+                name,
+                getattr(self, name),
+                world,
+                f"every rank takes {name} / {world} episodes; pick a multiple of {world}",
+            )
+        local = self.minibatch_size // world
+        if local % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the per-rank "
+                f"minibatch minibatch_size / world size = {self.minibatch_size} / {world} = {local}"
+            )
+
+
+class _ActorCritic(nn.Module):
+    """The policy and its value head as one module, so that one DDP / FSDP wrapper averages the gradients of
+    both and a training micro-step is one forward call (PPO-ptx included; DDP expects one forward per backward)."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(
+        self, batch: SequenceBatch, *, temperature: float, entropy: bool, ptx: SequenceBatch | None = None
+    ) -> tuple[Any, torch.Tensor | None]:
+        scores = response_forward(
+            self.policy, batch, temperature=temperature, value_head=self.value_head, entropy=entropy
+        )
+        ptx_logprobs = response_forward(self.policy, ptx).logprobs if ptx is not None else None
+        return scores, ptx_logprobs
 
 
 class PPOAgent:
@@ -190,6 +257,9 @@ class PPOAgent:
         device: torch.device | str | None = None,
     ) -> None:
         self.config = config = config or PPOConfig()
+        init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
+        self.world_size = world_size()
+        config.check_world_size(self.world_size)
         model, self.tokenizer, device = load_policy(policy, tokenizer, device)
         if config.lora_rank:  # peft freezes the base weights; only the adapters train
             model = add_lora(
@@ -208,6 +278,13 @@ class PPOAgent:
         self.policy = model
         self.device = device
         self.value_head = ValueHead(hidden_size(model)).to(device)
+        # What the update calls: DDP over policy + value head, or both sharded in place (FSDP2); the policy
+        # itself acts (a DDP replica or full FSDP weights decode without collectives).
+        self._trainer = data_parallel(
+            _ActorCritic(self.policy, self.value_head),
+            strategy=config.strategy,
+            shard=[self.policy, self.value_head],
+        )
         self.optimizer = make_optimizer(
             trainable_parameters(self.policy, self.value_head),
             lr=config.learning_rate,
@@ -230,6 +307,8 @@ class PPOAgent:
             if not self._ptx:
                 raise ValueError("ptx_texts must contain texts of at least two tokens")
         self.update = 0
+        self.sampled_tokens = 0
+        """Response tokens sampled in the rollouts so far (the budget ``train(total_tokens=...)`` spends)."""
         self.pad_id = pad_token_id(self.tokenizer)
         self._generator = torch.Generator(device=device).manual_seed(config.seed)
         self.sampler = TokenSampler(
@@ -253,7 +332,12 @@ class PPOAgent:
         """A :class:`~llm_env.TextGenVectorEnv` with this agent's tokenizer, reference, device and beta.
 
         The agent's sampler is attached to it, so with a fused LoRA reference it acts from the policy
-        logits the environment computes (see :meth:`TokenSampler.attach`)."""
+        logits the environment computes (see :meth:`TokenSampler.attach`). On N processes each rank's
+        environment gets its own disjoint, seeded shard of ``prompts``
+        (:func:`llm_env.distributed.shard_prompts`)."""
+        prompts = shard_prompts(
+            prompts, num_envs=num_envs, seed=self.config.seed, key=env_kwargs.get("prompt_key", "prompt")
+        )
         options = dict(
             prompts=prompts,
             reward=reward,
@@ -276,28 +360,34 @@ class PPOAgent:
 
     # ------------------------------------------------------------------------------------ learning
     def _ptx_batch(self, step: int) -> SequenceBatch:
-        """The PPO-ptx batch of optimizer step ``step`` of this update, a pure function of (seed, update,
-        step) so that resumed runs draw the same batches."""
-        rng = np.random.default_rng((self.config.seed, self.update, step))
+        """The PPO-ptx batch of optimizer step ``step`` of this update, a pure function of (seed, rank, update,
+        step) so that resumed runs draw the same batches (each rank its own)."""
+        rng = np.random.default_rng((rank_seed(self.config.seed), self.update, step))
         size = min(self.config.ptx_batch_size, len(self._ptx))
         chunk = [self._ptx[i] for i in rng.choice(len(self._ptx), size=size, replace=False)]
         return SequenceBatch.build(
             [c[:1] for c in chunk], [c[1:] for c in chunk], pad_id=self.pad_id, device=self.device
         )
 
-    def _score(self, batch: SequenceBatch, *, grad: bool) -> Any:
+    def _score(self, batch: SequenceBatch, *, grad: bool, ptx: SequenceBatch | None = None) -> Any:
         with torch.set_grad_enabled(grad):
-            return response_forward(
-                self.policy,
-                batch,
-                temperature=self.config.temperature,
-                value_head=self.value_head,
-                entropy=grad,
-            )
+            return self._trainer(batch, temperature=self.config.temperature, entropy=grad, ptx=ptx)
 
     def learn(self, trajectories: Trajectories) -> dict[str, float]:
-        """One PPO update on finished episodes; returns the diagnostics (means over minibatches)."""
+        """One PPO update on finished episodes; returns the diagnostics (means over minibatches).
+
+        On N processes every rank calls it with its own ``episodes_per_update / N`` episodes; the update is
+        the one a single process would make on all of them (global whitening, loss normalised by the
+        minibatch's tokens over all ranks, gradients averaged), and the returned statistics are global.
+        """
         config = self.config
+        world = self.world_size
+        if world > 1 and len(trajectories) != config.episodes_per_update // world:
+            # Every rank must run as many minibatches (collectives) as the others, or they would wait forever.
+            raise ValueError(
+                f"on {world} processes each rank learns from episodes_per_update / {world} = "
+                f"{config.episodes_per_update // world} episodes, got {len(trajectories)}"
+            )
         start_time = time.perf_counter()
         batch = SequenceBatch.build(
             trajectories.prompt_ids, trajectories.response_list(), pad_id=self.pad_id, device=self.device
@@ -307,84 +397,128 @@ class PPOAgent:
         if config.reward_clip is not None:
             rewards = rewards.clamp(-config.reward_clip, config.reward_clip)
         if config.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = global_masked_whiten(rewards, mask, shift_mean=False)
 
         self.policy.eval()  # no dropout: the ratio must be exactly 1 before the first step (TRL does the same)
         n = len(batch)
+        minibatch = config.minibatch_size // world  # this rank's share of every minibatch
         old_logprobs = torch.zeros_like(rewards)
         old_values = torch.zeros_like(rewards)
-        for start in range(0, n, config.minibatch_size):
-            index = torch.arange(start, min(n, start + config.minibatch_size), device=self.device)
-            scores = self._score(batch.select(index), grad=False)
+        for start in range(0, n, minibatch):
+            index = torch.arange(start, min(n, start + minibatch), device=self.device)
+            scores, _ = self._score(batch.select(index), grad=False)
             steps = scores.logprobs.shape[1]
             old_logprobs[index, :steps] = scores.logprobs
             old_values[index, :steps] = scores.values
         advantages, returns = gae(rewards, old_values, mask, gamma=config.gamma, lam=config.lam)
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = global_masked_whiten(advantages, mask)
 
+        # Minibatch orders of every epoch, and each minibatch's token count over all ranks (one collective):
+        # a micro-batch's token-mean loss is weighted by its share of the minibatch's tokens, so the
+        # accumulated and rank-averaged gradient is that of the token mean over the whole minibatch.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
-        micro = config.minibatch_size // config.gradient_accumulation_steps
+        orders = [torch.randperm(n, generator=generator) for _ in range(config.ppo_epochs)]
+        tokens_per_episode = mask.sum(dim=1).to(torch.float64)
+        minibatch_tokens = all_reduce_sum(
+            torch.stack(
+                [
+                    tokens_per_episode[order[start : start + minibatch].to(self.device)].sum()
+                    for order in orders
+                    for start in range(0, n, minibatch)
+                ]
+            )
+        ).tolist()
+        micro = minibatch // config.gradient_accumulation_steps
         stats: dict[str, list[float]] = {}
         optimizer_step = 0
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(n, generator=generator)
-            for start in range(0, n, config.minibatch_size):
+        for order in orders:
+            for start in range(0, n, minibatch):
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(start, min(n, start + config.minibatch_size), micro):
+                share = minibatch_tokens[optimizer_step] / world  # tokens per rank, on average
+                micro_starts = range(start, min(n, start + minibatch), micro)
+                for micro_start in micro_starts:
                     index = order[micro_start : micro_start + micro].to(self.device)
                     sub = batch.select(index)
                     steps = sub.response_mask.shape[1]
-                    new = self._score(sub, grad=True)
-                    sub_mask = sub.response_mask
-                    pg_loss, pg_stats = policy_loss(
-                        new.logprobs,
-                        old_logprobs[index, :steps],
-                        advantages[index, :steps],
-                        sub_mask,
-                        clip_range=config.clip_range,
-                    )
-                    vf_loss = value_loss(
-                        new.values,
-                        old_values[index, :steps],
-                        returns[index, :steps],
-                        sub_mask,
-                        clip_range=config.clip_range_value,
-                    )
-                    entropy = masked_mean(new.entropy, sub_mask)
-                    loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
-                    if self._ptx is not None:
-                        ptx = self._ptx_batch(optimizer_step)
-                        ptx_nll = -masked_mean(response_forward(self.policy, ptx).logprobs, ptx.response_mask)
-                        loss = loss + config.ptx_coef * ptx_nll
-                        _append(stats, "ptx_loss", ptx_nll)
-                    (loss / config.gradient_accumulation_steps).backward()
-                    _append(stats, "policy_loss", pg_loss)
-                    _append(stats, "value_loss", vf_loss)
-                    _append(stats, "entropy", entropy)
+                    ptx = self._ptx_batch(optimizer_step) if self._ptx is not None else None
+                    with gradient_sync(self._trainer, micro_start == micro_starts[-1]):
+                        new, ptx_logprobs = self._score(sub, grad=True, ptx=ptx)
+                        sub_mask = sub.response_mask
+                        pg_loss, pg_stats = policy_loss(
+                            new.logprobs,
+                            old_logprobs[index, :steps],
+                            advantages[index, :steps],
+                            sub_mask,
+                            clip_range=config.clip_range,
+                        )
+                        vf_loss = value_loss(
+                            new.values,
+                            old_values[index, :steps],
+                            returns[index, :steps],
+                            sub_mask,
+                            clip_range=config.clip_range_value,
+                        )
+                        entropy = masked_mean(new.entropy, sub_mask)
+                        loss = (pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy) * (
+                            sub_mask.sum() / share
+                        )
+                        if ptx is not None:
+                            ptx_nll = -masked_mean(ptx_logprobs, ptx.response_mask)
+                            loss = loss + config.ptx_coef * ptx_nll / config.gradient_accumulation_steps
+                            append_stat(stats, "ptx_loss", ptx_nll)
+                        loss.backward()
+                    append_stat(stats, "policy_loss", pg_loss)
+                    append_stat(stats, "value_loss", vf_loss)
+                    append_stat(stats, "entropy", entropy)
                     for key, value in pg_stats.items():
-                        _append(stats, key, value)
+                        append_stat(stats, key, value)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     trainable_parameters(self.policy, self.value_head), config.max_grad_norm
                 )
-                _append(stats, "grad_norm", grad_norm)
+                append_stat(stats, "grad_norm", grad_norm)
                 self.optimizer.step()
                 optimizer_step += 1
         self.scheduler.step()
         self.update += 1
-        tokens = int(mask.sum())
-        out = {key: float(np.mean(values)) for key, values in stats.items()}
+        out = all_reduce_means({key: float(np.mean(values)) for key, values in stats.items()}, self.device)
+        out.update(self._episode_stats(trajectories))
+        var_returns = global_masked_var(returns, mask)
         out.update(
-            score=float(np.mean(trajectories.scores)),
-            kl=float(np.nanmean(trajectories.kl)) if np.isfinite(trajectories.kl).any() else float("nan"),
-            response_length=float(np.mean(trajectories.lengths)),
-            explained_variance=float(explained_variance(old_values, returns, mask)),
-            value_mean=float(masked_mean(old_values, mask)),
-            advantage_std=float(torch.sqrt(masked_mean(advantages**2, mask))),
-            update_tokens_per_s=tokens * config.ppo_epochs / max(time.perf_counter() - start_time, 1e-9),
+            explained_variance=float(
+                1.0 - global_masked_var(returns - old_values, mask) / var_returns.clamp(min=1e-8)
+            ),
+            value_mean=float(global_masked_mean(old_values, mask)),
+            advantage_std=float(torch.sqrt(global_masked_mean(advantages**2, mask))),
+            update_tokens_per_s=out["tokens"]
+            * config.ppo_epochs
+            / max(time.perf_counter() - start_time, 1e-9),
             learning_rate=float(self.scheduler.get_last_lr()[0]),
         )
+        del out["tokens"]
         return out
+
+    def _episode_stats(self, trajectories: Trajectories) -> dict[str, float]:
+        """Mean score, KL (over episodes that report one) and response length of every rank's episodes."""
+        kl = trajectories.kl[np.isfinite(trajectories.kl)]
+        totals = torch.tensor(
+            [
+                trajectories.scores.sum(),
+                len(trajectories),
+                kl.sum(),
+                len(kl),
+                trajectories.lengths.sum(),
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        score, episodes, kl_sum, kl_count, tokens = all_reduce_sum(totals).tolist()
+        return {
+            "score": score / episodes,
+            "kl": kl_sum / kl_count if kl_count else float("nan"),
+            "response_length": tokens / episodes,
+            "tokens": tokens,
+        }
 
     # ------------------------------------------------------------------------------------- the loop
     def train(
@@ -392,17 +526,25 @@ class PPOAgent:
         env: TextGenVectorEnv,
         total_updates: int,
         *,
+        total_tokens: int | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         callback: Callable[[int, dict[str, float]], None] | None = None,
     ) -> list[dict[str, float]]:
-        """Run PPO until ``total_updates`` updates are done (continuing from ``self.update`` after a resume).
+        """Run PPO until ``total_updates`` updates are done (continuing from ``self.update`` after a resume),
+        or, with ``total_tokens``, until the rollouts have sampled that many response tokens (the update that
+        reaches the budget is the last; :attr:`sampled_tokens` says how many were sampled).
 
         Each update resets the environment with ``seed + update`` and seeds sampling and minibatch order
         the same way, so a run resumed from a checkpoint continues exactly as the uninterrupted run.
         Returns the per-update diagnostics (score, kl, kl_coef, approx_kl, clipfrac, entropy, losses,
         explained_variance, rollout and update throughput). The sampler is attached to ``env`` (fused
         policy logits are used when ``env`` decodes this policy with its reference).
+
+        On N processes every rank calls it with its own environment (:meth:`make_env` shards the prompts)
+        and collects ``episodes_per_update / N`` episodes per update with its own seeds
+        (:func:`llm_env.distributed.rank_seed`); every rank returns the same global statistics, and only rank
+        0 writes TensorBoard logs, the progress bar and the checkpoint files.
         """
         config = self.config
         total = int(total_updates)
@@ -414,25 +556,35 @@ class PPOAgent:
             warmup_steps=config.warmup_updates,
             completed_steps=self.update,
         )
-        writer = _tensorboard(config.log_dir)
+        main = is_main_process()
+        writer = tensorboard_writer(config.log_dir) if main else None
         history = []
-        bar = tqdm(total=total, initial=self.update, desc="ppo", disable=not config.progress)
-        while self.update < total:
+        bar = tqdm(total=total, initial=self.update, desc="ppo", disable=not config.progress or not main)
+        while self.update < total and (total_tokens is None or self.sampled_tokens < total_tokens):
             env.kl_coef = self.kl_controller.value
-            self._generator.manual_seed(config.seed * 1_000_003 + self.update)
+            self._generator.manual_seed(rank_seed(config.seed * 1_000_003 + self.update))
             start = time.perf_counter()
             self.policy.eval()
-            trajectories = collect_episodes(
-                env, self, config.episodes_per_update, seed=config.seed + self.update
-            )
+            with full_parameters(self.policy):  # FSDP2: every rank decodes at its own pace
+                trajectories = collect_episodes(
+                    env,
+                    self,
+                    config.episodes_per_update // self.world_size,
+                    seed=rank_seed(config.seed + self.update),
+                )
             rollout_time = time.perf_counter() - start
             kl_coef = self.kl_controller.value
             stats = self.learn(trajectories)
-            self.kl_controller.update(stats["kl"], len(trajectories))
+            # Every rank's tokens (the statistics are global), so all ranks stop at the same update.
+            self.sampled_tokens += round(stats["response_length"] * config.episodes_per_update)
+            self.kl_controller.update(stats["kl"], config.episodes_per_update)
             stats.update(
                 kl_coef=kl_coef,
-                rollout_tokens_per_s=float(trajectories.lengths.sum()) / max(rollout_time, 1e-9),
+                rollout_tokens_per_s=stats["response_length"]
+                * config.episodes_per_update
+                / max(rollout_time, 1e-9),
                 update=self.update,
+                sampled_tokens=self.sampled_tokens,
             )
             history.append(stats)
             if writer is not None:
@@ -452,7 +604,8 @@ class PPOAgent:
     # -------------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Save policy (LoRA adapters only when LoRA is on), value head, optimizer, scheduler, KL
-        controller, RNG states and the update counter, atomically."""
+        controller, RNG states and the update counter, atomically. On N processes every rank calls it and
+        rank 0 writes (the full weights, and every rank's RNG state)."""
         return save_training_state(
             path,
             modules={"policy": self.policy, "value_head": self.value_head},
@@ -460,10 +613,12 @@ class PPOAgent:
             scheduler=self.scheduler,
             state={
                 "update": self.update,
+                "sampled_tokens": self.sampled_tokens,
                 "kl_controller": self.kl_controller.state_dict(),
-                "config": _jsonable(dataclasses.asdict(self.config)),
+                "config": jsonable(dataclasses.asdict(self.config)),
             },
             trainable_only=bool(self.config.lora_rank),
+            optimizer_model=self._trainer,
         )
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -474,32 +629,13 @@ class PPOAgent:
             modules={"policy": self.policy, "value_head": self.value_head},
             optimizer=self.optimizer,
             scheduler=self.scheduler,
+            optimizer_model=self._trainer,
         )
         self.update = int(state["update"])
+        self.sampled_tokens = int(state.get("sampled_tokens", 0))
         self.kl_controller.load_state_dict(state["kl_controller"])
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
+        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes
+        every rank calls it and rank 0 writes)."""
         save_policy(self.policy, self.tokenizer, path)
-
-
-def _append(stats: dict[str, list[float]], key: str, value: Any) -> None:
-    stats.setdefault(key, []).append(
-        float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
-
-
-def _tensorboard(log_dir: str | None) -> Any:
-    if log_dir is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir)

@@ -10,6 +10,12 @@ Best-of-k is also a policy in its own right, whose KL from the sampling policy i
 when the reward has no ties: ``KL(pi_bok || pi) = log k - (k - 1) / k`` (Stiennon et al. 2020, appendix;
 Gao et al. 2022). :func:`best_of_k_kl` measures it from samples, so each round reports the measured value
 next to the theory.
+
+On N processes (``torchrun``, :mod:`llm_env.distributed`) every rank holds the same environment (all the
+prompts); the round's prompts are chosen as in one process and dealt round-robin across the ranks, each
+rank samples its prompts and picks their winners, and the winners are gathered and put back in prompt
+order, so the pool holds the same entries in the same order as in one process. Fine-tuning on the pool
+is itself data-parallel (:func:`~agents.sft.sft_train`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ from agents.policy import TokenSampler, add_lora, load_policy, save_policy
 from agents.rollout import collect_episodes
 from agents.sft import SFTConfig, sft_train
 from llm_env import TextGenVectorEnv, TokenActions
+from llm_env.distributed import (
+    all_gather_objects,
+    full_parameters,
+    init_distributed,
+    is_main_process,
+    rank,
+    rank_seed,
+    world_size,
+)
 
 __all__ = ["RejectionSamplingAgent", "RejectionSamplingConfig", "best_of_k_kl", "best_of_k_kl_theory"]
 
@@ -145,6 +160,12 @@ class RejectionSamplingAgent:
         device: torch.device | str | None = None,
     ) -> None:
         self.config = config = config or RejectionSamplingConfig()
+        init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
+        if config.prompts_per_round is not None and config.prompts_per_round < world_size():
+            raise ValueError(
+                f"prompts_per_round={config.prompts_per_round} cannot give each of the {world_size()} ranks a "
+                f"prompt: use at least {world_size()}"
+            )
         model, self.tokenizer, self.device = load_policy(policy, tokenizer, device)
         if config.lora_rank:
             model = add_lora(model, rank=config.lora_rank)
@@ -179,7 +200,19 @@ class RejectionSamplingAgent:
         self.policy.eval()
         self._generator.manual_seed(seed)
         queue = np.repeat(np.asarray(prompt_indices, dtype=np.int64), k)
-        return collect_episodes(env, self, len(queue), seed=seed, prompt_indices=queue)
+        with full_parameters(self.policy):  # FSDP2 (sft.strategy="fsdp"): decode at each rank's own pace
+            return collect_episodes(env, self, len(queue), seed=seed, prompt_indices=queue)
+
+    def _sample_shares(self, env: TextGenVectorEnv, prompts: np.ndarray, k: int, *, seed: int) -> Any:
+        """k responses for each of ``prompts``, the prompts dealt round-robin across the ranks.
+
+        Returns this rank's draws and the positions (in ``prompts``) of the prompts it sampled; in one
+        process, all of them with ``seed``.
+        """
+        positions = np.arange(len(prompts))[rank() :: world_size()]
+        if len(positions) == 0:  # fewer prompts than ranks: nothing to sample here
+            return None, positions
+        return self.sample(env, prompts[positions], k, seed=rank_seed(seed)), positions
 
     def run_round(self, env: TextGenVectorEnv) -> dict[str, float]:
         """One round: sample k per prompt, keep the best, grow the pool, fine-tune on it."""
@@ -193,31 +226,56 @@ class RejectionSamplingAgent:
             prompts = np.arange(n_prompts)
         else:
             prompts = rng.choice(n_prompts, size=min(config.prompts_per_round, n_prompts), replace=False)
+        if len(prompts) < world_size():
+            raise ValueError(
+                f"{len(prompts)} prompts per round cannot give each of the {world_size()} ranks a prompt"
+            )
         start = time.perf_counter()
-        draws = self.sample(env, prompts, config.k, seed=seed)  # episode i * k + j: prompt i, draw j
+        # Episode i * k + j of a rank's draws: its i-th prompt, draw j.
+        draws, positions = self._sample_shares(env, prompts, config.k, seed=seed)
         elapsed = time.perf_counter() - start
-        scores = draws.scores.reshape(len(prompts), config.k)
-        winners = scores.argmax(axis=1)
+        local_scores = draws.scores.reshape(len(positions), config.k)
+        winners = local_scores.argmax(axis=1)
         responses = draws.response_list()
-        best = []
-        for i, prompt in enumerate(prompts):
+        local_best = []
+        for i, position in enumerate(positions):
             episode = i * config.k + int(winners[i])
-            best.append(
+            local_best.append(
                 {
-                    "prompt_index": int(prompt),
+                    "prompt_index": int(prompts[position]),
                     "prompt": draws.prompts[episode],
                     "response": draws.responses[episode],
                     "response_ids": responses[episode].tolist(),
-                    "score": float(scores[i, winners[i]]),
+                    "score": float(local_scores[i, winners[i]]),
                     "round": self.round,
                 }
             )
+        # Every rank's winners, scores and KLs, put back in the order of the round's prompts.
+        shares = all_gather_objects(
+            (positions, local_best, local_scores, draws.kl, int(draws.lengths.sum()), elapsed)
+        )
+        best: list[dict[str, Any]] = [{}] * len(prompts)
+        scores = np.zeros((len(prompts), config.k))
+        kl = np.zeros((len(prompts), config.k))
+        for share_positions, share_best, share_scores, share_kl, _, _ in shares:
+            for position, item in zip(share_positions, share_best):
+                best[position] = item
+            scores[share_positions] = share_scores
+            kl[share_positions] = np.asarray(share_kl).reshape(len(share_positions), config.k)
+        tokens = sum(share[4] for share in shares)
+        elapsed = max(share[5] for share in shares)
         kl_measured = None
         if config.kl_groups >= 2 and config.kl_prompts:
             # More draws for a few prompts, only to measure the best-of-k KL (not used for selection).
             rows = min(config.kl_prompts, len(prompts))
-            extra = self.sample(env, prompts[:rows], config.k * (config.kl_groups - 1), seed=seed + 1)
-            pooled = np.concatenate([scores[:rows], extra.scores.reshape(rows, -1)], axis=1)
+            extra, extra_positions = self._sample_shares(
+                env, prompts[:rows], config.k * (config.kl_groups - 1), seed=seed + 1
+            )
+            extra_scores = np.zeros((rows, config.k * (config.kl_groups - 1)))
+            local = extra.scores.reshape(len(extra_positions), -1) if extra is not None else extra_scores[:0]
+            for share_positions, share_scores in all_gather_objects((extra_positions, local)):
+                extra_scores[share_positions] = share_scores
+            pooled = np.concatenate([scores[:rows], extra_scores], axis=1)
             kl_measured = best_of_k_kl(pooled, config.k)
         self.pool = [*self.pool, *best] if config.pool == "accumulate" else best
         examples = [(env.prompt_token_ids(item["prompt_index"]), item["response_ids"]) for item in self.pool]
@@ -232,12 +290,12 @@ class RejectionSamplingAgent:
             "pool_size": float(len(self.pool)),
             "sft_loss": float(sft_metrics["epoch_loss"][-1]),
             "kl_best_of_k_theory": best_of_k_kl_theory(config.k),
-            "sample_tokens_per_s": float(draws.lengths.sum()) / max(elapsed, 1e-9),
+            "sample_tokens_per_s": tokens / max(elapsed, 1e-9),
         }
         if kl_measured is not None:
             stats["kl_best_of_k_measured"] = kl_measured
-        if np.isfinite(draws.kl).any():
-            stats["kl_to_reference"] = float(np.nanmean(draws.kl))
+        if np.isfinite(kl).any():
+            stats["kl_to_reference"] = float(np.nanmean(kl))
         return stats
 
     def train(
@@ -249,7 +307,7 @@ class RejectionSamplingAgent:
             total=self.config.rounds,
             initial=self.round,
             desc="rejection sampling",
-            disable=not self.config.progress,
+            disable=not self.config.progress or not is_main_process(),
         )
         while self.round < self.config.rounds:
             stats = self.run_round(env)
@@ -262,7 +320,8 @@ class RejectionSamplingAgent:
         return history
 
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Policy weights, pool, round counter and RNG states, written atomically."""
+        """Policy weights, pool, round counter and RNG states, written atomically (on N processes every
+        rank calls it and rank 0 writes)."""
         return save_training_state(
             path,
             modules={"policy": self.policy},

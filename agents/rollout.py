@@ -6,6 +6,13 @@ An agent needs one method to act, :meth:`Agent.act`, and, if it learns, one more
 environment rewards, plus what the environment reported at the end of each episode (reward-model score,
 KL, texts). Everything stays on the environment's device; the only host reads are the environment's
 own (B token ids and flags per step).
+
+What the collector guarantees: the episodes it returns are the first ``num_episodes`` episodes to *start*,
+each counted from the step it starts, and it steps until every one of them has finished. Whether an
+episode is collected never depends on its own length, so the responses it returns (their lengths, scores,
+everything) are distributed as the policy's. Stopping at the first ``num_episodes`` episodes to *finish*
+instead would keep the short responses of a batch and drop the long ones still running, a bias towards
+short responses in every update (tested with a policy whose response length is random).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gymnasium.vector import AutoresetMode
 from torch.nn.utils.rnn import pad_sequence
 
@@ -70,14 +78,79 @@ class Trajectories:
     prompts: list[str]
     responses: list[str]
     steps: int = 0  # environment steps taken to collect them
-    extras: dict[str, Any] = field(default_factory=dict)
+    pad_token_id: int = 0  # the value padding response_ids
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. max_new_tokens: the environment's budget
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def num_tokens(self) -> int:
+        """Response tokens in these episodes (the tokens sampled to collect them)."""
+        return int(self.lengths.sum())
+
     def response_list(self) -> list[torch.Tensor]:
         """Response token ids without padding, one tensor per episode."""
         return [row[: int(n)] for row, n in zip(self.response_ids, self.lengths)]
+
+    def select(self, index: Sequence[int] | np.ndarray) -> Trajectories:
+        """The episodes ``index`` (in that order), padding trimmed to their longest response; ``steps`` and
+        ``extras`` are kept as they are (they describe the collection)."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size == 0:
+            raise ValueError("select needs at least one episode index")
+        if index.min() < 0 or index.max() >= len(self):
+            raise IndexError(f"episode indices must be in [0, {len(self)}), got {index.min()}..{index.max()}")
+        rows = torch.as_tensor(index, device=self.response_ids.device)
+        width = int(self.lengths[index].max())
+        return Trajectories(
+            prompt_ids=[self.prompt_ids[i] for i in index],
+            response_ids=self.response_ids[rows, :width],
+            logprobs=self.logprobs[rows, :width],
+            rewards=self.rewards[rows, :width],
+            mask=self.mask[rows, :width],
+            scores=self.scores[index],
+            kl=self.kl[index],
+            returns=self.returns[index],
+            lengths=self.lengths[index],
+            eos=self.eos[index],
+            prompt_index=self.prompt_index[index],
+            prompts=[self.prompts[i] for i in index],
+            responses=[self.responses[i] for i in index],
+            steps=self.steps,
+            pad_token_id=self.pad_token_id,
+            extras=dict(self.extras),
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence[Trajectories]) -> Trajectories:
+        """The episodes of ``parts`` one after the other (``steps`` summed, ``extras`` of the first part)."""
+        if not parts:
+            raise ValueError("cat needs at least one Trajectories")
+        width = max(part.response_ids.shape[1] for part in parts)
+
+        def stack(name: str, value: float | bool | int) -> torch.Tensor:
+            tensors = [getattr(part, name) for part in parts]
+            return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+        return cls(
+            prompt_ids=[p for part in parts for p in part.prompt_ids],
+            response_ids=stack("response_ids", parts[0].pad_token_id),
+            logprobs=stack("logprobs", 0.0),
+            rewards=stack("rewards", 0.0),
+            mask=stack("mask", False),
+            scores=np.concatenate([part.scores for part in parts]),
+            kl=np.concatenate([part.kl for part in parts]),
+            returns=np.concatenate([part.returns for part in parts]),
+            lengths=np.concatenate([part.lengths for part in parts]),
+            eos=np.concatenate([part.eos for part in parts]),
+            prompt_index=np.concatenate([part.prompt_index for part in parts]),
+            prompts=[p for part in parts for p in part.prompts],
+            responses=[r for part in parts for r in part.responses],
+            steps=sum(part.steps for part in parts),
+            pad_token_id=parts[0].pad_token_id,
+            extras=dict(parts[0].extras),
+        )
 
 
 def _completion_rows(info: dict[str, Any]) -> np.ndarray:
@@ -92,14 +165,20 @@ def collect_episodes(
     seed: int | None = None,
     prompt_indices: Sequence[int] | np.ndarray | None = None,
 ) -> Trajectories:
-    """Run ``agent`` in ``env`` until ``num_episodes`` episodes have finished.
+    """Run ``agent`` in ``env`` until the first ``num_episodes`` episodes to start have all finished.
 
-    The environment is reset first (with ``seed``). With ``AutoresetMode.NEXT_STEP`` the environment
-    restarts sub-environments itself and episodes still running when enough have finished are dropped.
-    With ``AutoresetMode.DISABLED`` this loop restarts finished sub-environments only while more episodes
-    are needed, so nothing is wasted, and ``prompt_indices`` (one per episode, in order) can force the
-    prompts, e.g. each prompt k times for best-of-k. Episodes come back in the order they finished, or,
-    with ``prompt_indices``, in the order of that queue (episode ``i`` answers ``prompt_indices[i]``).
+    The environment is reset first (with ``seed``). An episode counts from the step it starts: the first
+    ``min(num_envs, num_episodes)`` sub-environments at the reset, then every restart until
+    ``num_episodes`` episodes have started; the loop then steps until all of them have ended. Which
+    episodes are collected is thus decided before any of them has a length, and the returned responses are
+    an unbiased sample of the policy's (a short response is no likelier to be collected than a long one).
+
+    With ``AutoresetMode.NEXT_STEP`` the environment restarts sub-environments itself; the episodes that
+    start after the first ``num_episodes`` are not counted (their steps are wasted while the last counted
+    ones finish). With ``AutoresetMode.DISABLED`` this loop restarts finished sub-environments only while
+    more episodes are needed, so nothing is wasted, and ``prompt_indices`` (one per episode, in order) can
+    force the prompts, e.g. each prompt k times for best-of-k. Episodes come back in the order they
+    started (episode ``i`` answers ``prompt_indices[i]`` when prompts are forced).
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be >= 1, got {num_episodes}")
@@ -113,7 +192,7 @@ def collect_episodes(
         if len(queue) != num_episodes:
             raise ValueError(f"got {len(queue)} prompt_indices for {num_episodes} episodes")
 
-    first = min(num_envs, num_episodes) if manual else num_envs
+    first = min(num_envs, num_episodes)
     reset_mask = np.zeros(num_envs, dtype=bool)
     reset_mask[:first] = True
     options: dict[str, Any] = {"reset_mask": reset_mask} if manual else {}
@@ -121,10 +200,10 @@ def collect_episodes(
         options["prompt_indices"] = np.array(queue[:first])
     obs, info = env.reset(seed=seed, options=options or None)
     started = first
-    restarted = reset_mask.copy()
+    restarted = np.ones(num_envs, dtype=bool) if not manual else reset_mask.copy()
     active = reset_mask.copy()  # rows whose current episode counts
     start_step = np.zeros(num_envs, dtype=np.int64)
-    position = np.arange(num_envs, dtype=np.int64)  # queue position of each row's current episode
+    position = np.arange(num_envs, dtype=np.int64)  # start order of each row's current episode
 
     tokens_t, logprobs_t, rewards_t = [], [], []
     finished: list[tuple[int, int, int, dict[str, Any]]] = []  # (row, first step, last step, completion)
@@ -147,15 +226,15 @@ def collect_episodes(
         done_rows = _completion_rows(info)
         completion = info.get("completion", {})
         for row in done_rows:
-            if active[row] and len(finished) < num_episodes:
+            if active[row]:
                 record = {key: completion[key][row] for key in completion if not key.startswith("_")}
                 if not completion.get("_kl", np.zeros(num_envs, dtype=bool))[row]:
                     record["kl"] = float("nan")
                 finished.append(
                     (int(row), int(start_step[row]), step, {**record, "_position": int(position[row])})
                 )
+        active[done_rows] = False
         if manual:
-            active[done_rows] = False
             wanted = min(num_episodes - started, len(done_rows))
             if wanted > 0:
                 rows = done_rows[:wanted]
@@ -165,20 +244,29 @@ def collect_episodes(
                 if queue is not None:
                     options["prompt_indices"] = np.array(queue[started : started + wanted])
                 obs, _ = env.reset(options=options)
-                position[rows] = np.arange(started, started + wanted)
+                restarted[rows] = True
+                _start(rows, started, step, active, position, start_step)
                 started += wanted
-                restarted[rows] = active[rows] = True
-                start_step[rows] = step + 1
-            if not active.any() and len(finished) < num_episodes:
-                raise RuntimeError("no sub-environment is running but episodes are missing")  # defensive
-        elif "_prompt_index" in info:
+        elif "_prompt_index" in info:  # NEXT_STEP restarted these rows; count their episodes while needed
             rows = np.flatnonzero(info["_prompt_index"])
             restarted[rows] = True
-            start_step[rows] = step + 1
+            counted = rows[: max(0, num_episodes - started)]
+            _start(counted, started, step, active, position, start_step)
+            started += len(counted)
+        if manual and not active.any() and len(finished) < num_episodes:
+            raise RuntimeError("no counted episode is running but episodes are missing")  # defensive
         step += 1
-    if queue is not None:
-        finished.sort(key=lambda episode: episode[3]["_position"])
-    return _assemble(env, finished, tokens_t, logprobs_t, rewards_t, step)
+    finished.sort(key=lambda episode: episode[3]["_position"])
+    trajectories = _assemble(env, finished, tokens_t, logprobs_t, rewards_t, step)
+    trajectories.extras["max_new_tokens"] = env.config.max_new_tokens
+    return trajectories
+
+
+def _start(rows, first_position, step, active, position, start_step) -> None:
+    """Count the episodes starting in ``rows`` at the next step, in row order from ``first_position``."""
+    active[rows] = True
+    position[rows] = np.arange(first_position, first_position + len(rows))
+    start_step[rows] = step + 1
 
 
 def _assemble(env, finished, tokens_t, logprobs_t, rewards_t, steps) -> Trajectories:
@@ -212,4 +300,5 @@ def _assemble(env, finished, tokens_t, logprobs_t, rewards_t, steps) -> Trajecto
         prompts=[str(r["prompt"]) for r in records],
         responses=[str(r["response"]) for r in records],
         steps=steps,
+        pad_token_id=int(env.pad_token_id),
     )

@@ -2,6 +2,11 @@
 
 Used for the SFT phase (Ouyang et al. 2022, step 1), by rejection sampling (Llama 2 fine-tunes on the
 best of k samples) and, as a plain language-modelling loss, by PPO-ptx.
+
+On N processes (``torchrun``, :mod:`llm_env.distributed`) every rank passes the same examples; each batch
+is dealt round-robin across the ranks, the loss is normalised by the batch's response tokens over all
+ranks and the gradients are averaged (DDP) or reduce-scattered (FSDP2), so training equals the
+single-process run on the same data.
 """
 
 from __future__ import annotations
@@ -19,6 +24,15 @@ from transformers import PreTrainedTokenizerBase
 
 from agents.losses import masked_mean
 from agents.policy import SequenceBatch, add_lora, response_forward
+from llm_env.distributed import (
+    Strategy,
+    all_reduce_sum,
+    data_parallel,
+    init_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 from llm_env.models import model_device, pad_token_id
 from llm_env.prompts import read_jsonl
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
@@ -54,8 +68,14 @@ class SFTConfig:
     """Seed of the example order."""
     progress: bool = True
     """Show a progress bar."""
+    strategy: Strategy = "ddp"
+    """On several processes: "ddp" (a replica per rank, gradients averaged) or "fsdp" (parameters,
+    gradients and optimizer state sharded with FSDP2; the returned model stays sharded). Ignored in one
+    process."""
 
     def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -114,8 +134,11 @@ def sft_train(
 
     Examples are text pairs (then ``tokenizer`` is required) or token-id pairs (lists, arrays, tensors),
     the form rejection sampling produces. With ``config.lora_rank > 0`` the returned model is a peft model.
+    On N processes every rank calls it with the same examples (see the module docstring); the metrics are
+    global.
     """
     config = config or SFTConfig()
+    init_distributed()
     if not examples:
         raise ValueError("no SFT examples")
     if isinstance(examples[0][0], str):
@@ -131,6 +154,7 @@ def sft_train(
     device = model_device(model)
     pad = pad_token_id(tokenizer) if tokenizer is not None else 0
     data = SequenceBatch.build(prompt_ids, response_ids, pad_id=pad, device=device)
+    trainer = data_parallel(model, strategy=config.strategy)  # the model itself in one process
     optimizer = make_optimizer(
         trainable_parameters(model),
         lr=config.learning_rate,
@@ -143,22 +167,33 @@ def sft_train(
         optimizer, config.lr_schedule, total_steps=total, warmup_steps=int(config.warmup_ratio * total)
     )
     generator = torch.Generator().manual_seed(config.seed)
+    tokens = data.response_mask.sum(dim=1).cpu().numpy().astype(np.float64)  # response tokens per example
+    world, me = world_size(), rank()
     losses: list[float] = []
     epoch_losses: list[float] = []
     was_training = model.training
     model.train()
-    bar = tqdm(total=total, desc="sft", disable=not config.progress, leave=False)
+    bar = tqdm(total=total, desc="sft", disable=not config.progress or not is_main_process(), leave=False)
     for _ in range(config.epochs):
         order = torch.randperm(len(data), generator=generator).numpy()
         epoch = []
         for start in range(0, len(data), config.batch_size):
-            loss = sft_loss(model, data.select(order[start : start + config.batch_size]))
+            batch = order[start : start + config.batch_size]
+            mine = batch[me::world]  # this rank's share of the batch
+            weight = 1.0
+            if len(mine) == 0:  # fewer examples than ranks: join the collective with a zero-weight example
+                mine, weight = batch[:1], 0.0
+            sub = data.select(mine)
+            logprobs = response_forward(trainer, sub).logprobs
+            token_sum = -(logprobs * sub.response_mask.to(logprobs.dtype)).sum()  # summed NLL of the share
+            # The mean NLL over the whole batch's tokens: DDP averages over ranks, hence the world size.
+            loss = token_sum * weight / (tokens[batch].sum() / world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable_parameters(model), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            epoch.append(float(loss.detach()))
+            epoch.append(float(all_reduce_sum(token_sum.detach() * weight)) / tokens[batch].sum())
             bar.update(1)
             bar.set_postfix(loss=f"{epoch[-1]:.3f}")
         losses += epoch

@@ -66,15 +66,21 @@ def resolve_device(device: torch.device | str | None, model: Any = None) -> torc
 
     ``"auto"`` or ``None``: the device of ``model`` when it is a model object (so a model you built is
     never moved behind your back), else CUDA when available, else the CPU. Anything else is passed to
-    ``torch.device`` (asking for CUDA on a machine without it raises).
+    ``torch.device`` (asking for CUDA on a machine without it raises). ``"cuda"`` without a number means
+    the current GPU (:func:`torch.cuda.current_device`, which :func:`llm_env.distributed.init_distributed`
+    sets to the local rank's).
     """
     if device is None or device == "auto":
         if isinstance(model, nn.Module):
             return model_device(model)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        # This process's current GPU (under torchrun, the one of its local rank), by number, so that devices
+        # compare equal to the device of the models placed on it.
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 

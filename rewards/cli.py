@@ -7,6 +7,8 @@ Every field of :class:`~rewards.train.RewardTrainingConfig` is an option with th
 ``--model`` is a causal LM (it gets a new scalar head, as in Llama 2) or a sequence-classification
 checkpoint. The trained model is saved to ``--out`` (loadable as the environment's ``reward=``) with
 ``train_metrics.json``, and the held-out accuracy per preference level is printed at the end.
+Under ``torchrun --nproc-per-node N -m rlhf_bench train-rm ...`` every rank trains on its share of each
+batch and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from typing import Any
 
 from llm_env.config_cli import add_dataclass_arguments, dataclass_from_args
+from llm_env.distributed import is_main_process
 from rewards.data import load_preferences
 from rewards.train import RewardTrainingConfig, train_reward_model
 
@@ -79,6 +82,8 @@ def train_rm(args: argparse.Namespace) -> int:
     result = train_reward_model(
         args.model, data, tokenizer=args.tokenizer, eval_data=eval_data, config=config
     )
+    if not is_main_process():  # under torchrun every rank trained; rank 0 writes
+        return 0
     result.model.save_pretrained(args.out, metadata={"config": result.metrics["config"]})
     with open(os.path.join(args.out, "train_metrics.json"), "w", encoding="utf-8") as handle:
         json.dump(result.metrics, handle, indent=2)

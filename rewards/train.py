@@ -6,6 +6,11 @@ clipping at 1.0, and the margin loss when the data has preference levels. K-way 
 InstructGPT does (Ouyang et al. 2022): all pairs of one prompt in one batch element, each response encoded
 once. Evaluation reports pairwise accuracy overall and per preference level (it should rise with the
 strength of the preference, Llama 2 Table 8) and the mean score gap.
+
+On N processes (``torchrun``, :mod:`llm_env.distributed`) every rank loads the same data; each batch of
+comparisons is dealt round-robin across the ranks, the loss is the mean over the whole batch's comparisons
+and the gradients are averaged by DDP, so training equals the single-process run. Every rank evaluates on
+all the held-out comparisons (the metrics are those of the whole set) and rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_env.distributed import (
+    all_reduce_sum,
+    data_parallel,
+    init_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 from llm_env.models import resolve_device
 from llm_env.reward import check_scores
 from llm_env.training import make_optimizer, make_scheduler
@@ -207,10 +220,26 @@ def collate_comparisons(
     )
 
 
-def batch_loss(rm: RewardModel, batch: ComparisonBatch, center_coef: float = 0.0) -> torch.Tensor:
-    """The training loss of one batch (:func:`rewards.losses.comparison_loss` on the model's scores)."""
+class _Scorer(nn.Module):
+    """``rm.forward_ids`` as a module owning ``rm.model``, so that DDP can wrap what the training step calls."""
+
+    def __init__(self, rm: RewardModel) -> None:
+        super().__init__()
+        self.model = rm.model
+        self.rm = rm  # not an nn.Module: held, not registered
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.rm.forward_ids(input_ids, attention_mask)
+
+
+def batch_loss(
+    rm: RewardModel, batch: ComparisonBatch, center_coef: float = 0.0, *, scorer: nn.Module | None = None
+) -> torch.Tensor:
+    """The training loss of one batch (:func:`rewards.losses.comparison_loss` on the model's scores);
+    ``scorer`` computes the scores instead of ``rm.forward_ids`` (a DDP wrapper)."""
     device = rm.device
-    scores = rm.forward_ids(batch.input_ids.to(device), batch.attention_mask.to(device))  # (N,)
+    forward = scorer if scorer is not None else rm.forward_ids
+    scores = forward(batch.input_ids.to(device), batch.attention_mask.to(device))  # (N,)
     better, worse = batch.better.to(device), batch.worse.to(device)
     return comparison_loss(
         scores[better],
@@ -335,6 +364,7 @@ def train_reward_model(
     ``score(..., whiten=True)`` and :class:`rewards.Llama2Reward` can whiten its scores.
     """
     config = RewardTrainingConfig(**{**(asdict(config) if config else {}), **overrides})
+    init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
     start_time = time.perf_counter()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -352,8 +382,10 @@ def train_reward_model(
     total_steps = math.ceil(len(train_set) / config.batch_size) * config.epochs
     optimizer, scheduler = _optimizer(params, config, total_steps)
 
+    scorer = data_parallel(_Scorer(rm))  # DDP on N processes; the plain scorer in one
+    world, me, main = world_size(), rank(), is_main_process()
     history: list[dict[str, Any]] = []
-    bar = tqdm(total=total_steps, desc="reward model", disable=not config.progress, leave=False)
+    bar = tqdm(total=total_steps, desc="reward model", disable=not config.progress or not main, leave=False)
     step, epoch_losses = 0, []
     for epoch in range(1, config.epochs + 1):
         rm.train()
@@ -361,8 +393,13 @@ def train_reward_model(
         epoch_losses = []
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
-            batch = collate_comparisons([encoded[i] for i in idx], [margins[i] for i in idx], rm.pad_id)
-            loss = batch_loss(rm, batch, config.center_coef)
+            mine, weight = idx[me::world], 1.0  # this rank's share of the batch
+            if len(mine) == 0:  # fewer comparisons than ranks: join the collective with a zero weight
+                mine, weight = idx[:1], 0.0
+            batch = collate_comparisons([encoded[i] for i in mine], [margins[i] for i in mine], rm.pad_id)
+            share = batch_loss(rm, batch, config.center_coef, scorer=scorer)  # mean over this rank's share
+            # The mean over the whole batch's comparisons (DDP averages the gradients over the ranks).
+            loss = share * (weight * len(mine) * world / len(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = _clip(params, config.max_grad_norm)
@@ -370,19 +407,19 @@ def train_reward_model(
             optimizer.step()
             scheduler.step()
             step += 1
-            value = loss.item()
+            value = float(all_reduce_sum(loss.detach() / world))
             epoch_losses.append(value)
             history.append({"step": step, "epoch": epoch, "loss": value, "lr": lr, "grad_norm": grad_norm})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", epoch=epoch)
             if config.eval_every and step % config.eval_every == 0 and eval_set:
                 history.append({"step": step, "eval": _evaluate(rm, eval_set, config)})
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and main:
                 _checkpoint(rm, train_set, config, f"step-{step}")
         if eval_set:
             history.append({"step": step, "epoch": epoch, "eval": _evaluate(rm, eval_set, config)})
             bar.set_postfix(loss=f"{np.mean(epoch_losses):.4f}", acc=f"{history[-1]['eval']['accuracy']:.3f}")
-        if config.checkpoint_dir is not None:
+        if config.checkpoint_dir is not None and main:
             _checkpoint(rm, train_set, config, f"epoch-{epoch}")
     bar.close()
 

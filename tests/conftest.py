@@ -107,3 +107,56 @@ def make_vec_env(tokenizer, gpt2, reward_fn):
         return llm_env.TextGenVectorEnv(num_envs=num_envs, **options)
 
     return make
+
+
+def launch_ranks(script, *args, nproc=2, timeout=300, cwd=None):
+    """Run ``script`` (a file or ``-m module``) on ``nproc`` gloo processes with torchrun, 1 thread each.
+
+    Returns ``(returncode, output)``. A run that does not finish within ``timeout`` seconds fails the test
+    with its output instead of hanging: the whole process group (torchrun and its workers) is killed.
+    Collectives time out after 60 s (``LLM_ENV_DIST_TIMEOUT``), so a blocked rank errors out by itself.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LLM_ENV_DIST_TIMEOUT": "60",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    target = ["-m", script[3:]] if str(script).startswith("-m ") else [str(script)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "--max-restarts", "0", *target, *map(str, args),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=cwd or root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a timeout kills the workers too
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(
+            f"{nproc} ranks of {script} did not finish within {timeout} s (a hang?):\n{output[-6000:]}"
+        )
+    return process.returncode, output
+
+
+@pytest.fixture(scope="session")
+def torchrun():
+    """:func:`launch_ranks`: run a script on N gloo processes under torchrun, failing (not hanging) on timeout."""
+    return launch_ranks

@@ -1,6 +1,13 @@
 """The built-in leaderboard entries. Each trains (if it learns) through the benchmark's environment and
 returns an agent; the runner evaluates them all the same way. Best-of-k is evaluated by the runner itself
-(it is a decoding strategy over the SFT policy, not a token-level agent)."""
+(it is a decoding strategy over the SFT policy, not a token-level agent).
+
+Every policy-optimisation entry (PPO, its beta sweep and the critic-free agents) trains on the same
+environment and prompts, pays the same KL (the environment's k1 penalty with ``ppo_kl_coef``, except
+``grpo-kl-loss``), uses the same learning rate, rollout size (``ppo_episodes``), epochs and minibatches,
+and stops at the same budget of sampled response tokens (``token_budget``). What differs is what defines
+each algorithm: its advantage, its loss, its clip range and its sampling (groups, greedy baselines,
+dynamic sampling)."""
 
 from __future__ import annotations
 
@@ -12,20 +19,41 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 from agents import (
+    DAPOAgent,
+    DAPOConfig,
+    DPOAgent,
+    DPOConfig,
+    DrGRPOAgent,
+    DrGRPOConfig,
+    GRPOAgent,
+    GRPOConfig,
+    GSPOAgent,
+    GSPOConfig,
     IterativeConfig,
     LMActorCriticPolicy,
+    OnlineDPOAgent,
+    OnlineDPOConfig,
     PPOAgent,
     PPOConfig,
+    ReinforcePPAgent,
+    ReinforcePPConfig,
     RejectionSamplingAgent,
     RejectionSamplingConfig,
+    ReMaxAgent,
+    ReMaxConfig,
+    RLOOAgent,
+    RLOOConfig,
     SFTConfig,
     TokenSampler,
     iterative_rlhf,
+    load_preference_pairs,
 )
+from agents.pg import PGAgent, PGConfig
 from llm_env import TextGenEnv, TokenActions
+from llm_env.distributed import is_main_process, shard_prompts
 from rlhf_bench.leaderboard.harness import BenchmarkContext, register_agent
 
-__all__ = ["RandomAgent", "SB3Agent", "ppo_run"]
+__all__ = ["RandomAgent", "SB3Agent", "pg_run", "ppo_run"]
 
 
 class RandomAgent:
@@ -81,13 +109,16 @@ def _ppo_config(ctx: BenchmarkContext, kl_coef: float, name: str) -> PPOConfig:
     )
 
 
-def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, updates: int, policy: Any = None) -> PPOAgent:
-    """Train PPO at ``kl_coef`` for ``updates`` updates, evaluating on held-out prompts every
-    ``curve_every`` updates so that gold, proxy and KL can be plotted along training."""
+def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, policy: Any = None) -> PPOAgent:
+    """Train PPO at ``kl_coef`` until it has sampled ``token_budget`` response tokens, evaluating on held-out
+    prompts every ``curve_every`` updates (and at the end) so that gold, proxy and KL can be plotted along
+    training."""
     agent = PPOAgent(
         policy if policy is not None else ctx.load_policy(), ctx.tokenizer, _ppo_config(ctx, kl_coef, name)
     )
-    env = ctx.make_env(kl_coef=kl_coef, reference="sft")
+    # On N processes (llm-env benchmark --nproc) each rank trains on its own share of the prompts.
+    train = shard_prompts(ctx.artifacts.train_prompts, num_envs=ctx.settings.num_envs, seed=ctx.settings.seed)
+    env = ctx.make_env(kl_coef=kl_coef, reference="sft", prompts=train)
     curve: list[dict[str, float]] = []
     n_prompts = min(len(ctx.artifacts.eval_prompts), 64)
 
@@ -102,20 +133,138 @@ def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, updates: int, poli
             }
         )
 
-    point(0)
+    main = is_main_process()  # the curve is measured by rank 0 alone (its replica acts without collectives)
+    if main:
+        point(0)
 
     def callback(update: int, stats: dict[str, float]) -> None:
-        if update % ctx.settings.curve_every == 0 or update == updates:
+        if main and update % ctx.settings.curve_every == 0:
             point(update)
 
-    history = agent.train(env, updates, callback=callback)
-    ctx.record(name, history=history, curve=curve, kl_coef=kl_coef)
+    budget, episodes = ctx.settings.token_budget, ctx.settings.ppo_episodes
+    # Every episode has at least one token, so the budget is reached by update `cap` at the latest.
+    cap = -(-budget // episodes)
+    history = agent.train(env, cap, total_tokens=budget, callback=callback)
+    if main and curve[-1]["update"] != agent.update:
+        point(agent.update)
+    ctx.record(
+        name,
+        history=history,
+        curve=curve,
+        kl_coef=kl_coef,
+        sampled_tokens=agent.sampled_tokens,
+        token_budget=budget,
+    )
     return agent
 
 
 @register_agent("ppo", description="token-level PPO through the environment (beta from the settings)")
 def ppo_agent(ctx: BenchmarkContext) -> PPOAgent:
-    return ppo_run(ctx, "ppo", ctx.settings.ppo_kl_coef, ctx.settings.ppo_updates)
+    return ppo_run(ctx, "ppo", ctx.settings.ppo_kl_coef)
+
+
+def pg_run(
+    ctx: BenchmarkContext,
+    name: str,
+    agent_class: type[PGAgent],
+    config_class: type[PGConfig],
+    *,
+    grouped: bool = True,
+    **overrides: Any,
+) -> PGAgent:
+    """Train a critic-free agent with the benchmark's shared settings until it has sampled ``token_budget``
+    response tokens: learning rate, rollout of ``ppo_episodes`` episodes (``group_size`` responses per prompt
+    when ``grouped``, else one per prompt), PPO's 4 epochs of 4 minibatches, and beta ``ppo_kl_coef`` in the
+    environment's k1 reward, unless ``overrides`` say otherwise. The algorithm's own knobs (clip ranges,
+    dynamic sampling, overlong shaping) keep their defaults."""
+    s = ctx.settings
+    group = s.group_size if grouped else 1
+    if s.ppo_episodes % group:
+        raise ValueError(f"group_size ({s.group_size}) must divide ppo_episodes ({s.ppo_episodes})")
+    options: dict[str, Any] = dict(
+        learning_rate=s.ppo_lr,
+        prompts_per_update=s.ppo_episodes // group,
+        group_size=group,
+        epochs=4,
+        minibatch_size=max(1, s.ppo_episodes // 4),
+        kl_coef=s.ppo_kl_coef,
+        kl_in="reward",
+        kl_estimator="k1",
+        seed=s.seed,
+        log_dir=str(ctx.out_dir / "tensorboard" / name),
+        progress=ctx.progress,
+    )
+    options.update(overrides)
+    agent = agent_class(ctx.load_policy(), ctx.tokenizer, config_class(**options), reference=ctx.reference)
+    env = ctx.make_env(
+        kl_coef=agent.env_kl_coef(),
+        kl_estimator=agent.config.kl_estimator,
+        autoreset_mode=AutoresetMode.DISABLED,
+    )
+    history = agent.train(env, total_tokens=s.token_budget)
+    ctx.record(
+        name,
+        history=history,
+        kl_coef=agent.config.kl_coef,
+        kl_in=agent.config.kl_in,
+        sampled_tokens=agent.sampled_tokens,
+        token_budget=s.token_budget,
+    )
+    return agent
+
+
+@register_agent("grpo", description="GRPO (Shao et al. 2024): group mean/std advantages, KL in the reward")
+def grpo_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "grpo", GRPOAgent, GRPOConfig)
+
+
+@register_agent("grpo-kl-loss", description="GRPO with the KL in the loss (k3, as DeepSeekMath), env beta 0")
+def grpo_kl_loss_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "grpo-kl-loss", GRPOAgent, GRPOConfig, kl_in="loss", kl_estimator="k3")
+
+
+@register_agent("rloo", description="RLOO (Ahmadian et al. 2024): leave-one-out baseline, sequence REINFORCE")
+def rloo_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "rloo", RLOOAgent, RLOOConfig)
+
+
+@register_agent(
+    "dr-grpo", description="Dr. GRPO (Liu et al. 2025): no std division, constant length norm", default=False
+)
+def dr_grpo_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "dr-grpo", DrGRPOAgent, DrGRPOConfig)
+
+
+@register_agent(
+    "dapo",
+    description="DAPO (Yu et al. 2025): clip-higher, token-level loss, dynamic sampling, overlong shaping",
+    default=False,
+)
+def dapo_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "dapo", DAPOAgent, DAPOConfig)
+
+
+@register_agent(
+    "gspo", description="GSPO (Zheng et al. 2025): clipped sequence-level ratio (3e-4, 4e-4)", default=False
+)
+def gspo_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "gspo", GSPOAgent, GSPOConfig)
+
+
+@register_agent(
+    "reinforce-pp",
+    description="REINFORCE++ (Hu 2025): per-token KL returns, normalised over the batch",
+    default=False,
+)
+def reinforce_pp_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "reinforce-pp", ReinforcePPAgent, ReinforcePPConfig, grouped=False)
+
+
+@register_agent(
+    "remax", description="ReMax (Li et al. 2023): the greedy response's reward as baseline", default=False
+)
+def remax_agent(ctx: BenchmarkContext) -> PGAgent:
+    return pg_run(ctx, "remax", ReMaxAgent, ReMaxConfig, grouped=False)
 
 
 @register_agent(
@@ -216,3 +365,67 @@ def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
     model.learn(total_timesteps=max(s.sb3_timesteps, n_steps * 4), progress_bar=False)
     ctx.record("sb3-ppo", score_history=history)
     return SB3Agent(model, seed=s.seed)
+
+
+PREFERENCE_FILES = ("preferences_helpfulness.jsonl", "preferences_safety.jsonl")
+"""The benchmark's preference data, in the artifacts directory: what the two reward models learn from."""
+
+
+@register_agent(
+    "dpo",
+    description="offline DPO (Rafailov et al. 2023, beta from the settings) on the benchmark's preference data: "
+    "the helpfulness and safety comparisons of SFT samples the reward models learn from (no sampling, no "
+    "reward model)",
+)
+def dpo_agent(ctx: BenchmarkContext) -> DPOAgent:
+    s = ctx.settings
+    if ctx.artifacts.directory is None:
+        raise ValueError(
+            "the dpo row trains on the built-in task's preference data, which your own models do not come "
+            "with: choose the other rows with --agents"
+        )
+    files = [ctx.artifacts.directory / name for name in PREFERENCE_FILES]
+    config = DPOConfig(
+        beta=s.dpo_beta,
+        learning_rate=s.dpo_lr,
+        epochs=s.dpo_epochs,
+        batch_size=s.dpo_batch_size,
+        seed=s.seed,
+        log_dir=str(ctx.out_dir / "tensorboard" / "dpo"),
+        progress=ctx.progress,
+    )
+    agent = DPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
+    pairs = load_preference_pairs(*files)
+    history = agent.train(pairs)
+    ctx.record("dpo", data=[f.name for f in files], pairs=len(pairs), epochs=s.dpo_epochs, history=history)
+    return agent
+
+
+@register_agent(
+    "online-dpo",
+    description="online DPO (Guo et al. 2024, beta from the settings): two samples per prompt through the "
+    "environment, the proxy reward model picks chosen and rejected; the same sampled-token budget as the "
+    "policy-gradient agents",
+)
+def online_dpo_agent(ctx: BenchmarkContext) -> OnlineDPOAgent:
+    s = ctx.settings
+    config = OnlineDPOConfig(
+        beta=s.dpo_beta,
+        learning_rate=s.online_dpo_lr,
+        prompts_per_update=s.online_dpo_prompts,
+        minibatch_size=min(s.online_dpo_minibatch, s.online_dpo_prompts),
+        seed=s.seed,
+        log_dir=str(ctx.out_dir / "tensorboard" / "online-dpo"),
+        progress=ctx.progress,
+    )
+    agent = OnlineDPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
+    env = ctx.make_env(kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED)
+    history = agent.train(env, total_tokens=s.token_budget)
+    ctx.record(
+        "online-dpo",
+        history=history,
+        sampled_tokens=agent.sampled_tokens,
+        token_budget=s.token_budget,
+        ties=agent.ties,
+    )
+    return agent

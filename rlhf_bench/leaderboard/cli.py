@@ -15,8 +15,9 @@ def add_parser(subparsers: Any) -> None:
         description=(
             "Builds (or reuses from the cache) a tiny SFT policy, simulated preferences and proxy reward models "
             "for the built-in review task, then trains and evaluates every registered agent on the same "
-            "environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), rejection sampling then "
-            "PPO, Stable-Baselines3 PPO and a random agent. Writes the leaderboard (Markdown, CSV, JSON), plots "
+            "environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), GRPO (KL in the reward and "
+            "in the loss), RLOO, rejection sampling then PPO, Stable-Baselines3 PPO and a random agent; --agents all "
+            "adds Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. Writes the leaderboard (Markdown, CSV, JSON), plots "
             "and samples to --out."
         ),
     )
@@ -41,9 +42,21 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--rebuild", action="store_true", help="rebuild the cached SFT policy and reward models"
     )
-    parser.add_argument("--agents", help="comma-separated entries to run (default: all); sft always runs")
+    parser.add_argument(
+        "--agents",
+        help="comma-separated entries to run, 'all' for every entry or 'default' for the default set "
+        "(default: the default set); sft always runs",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the task, the models and the agents")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train PPO (and its sweep) and rejection sampling on N local processes through torchrun's "
+        "launcher (one GPU each with --device cuda; on CPU they share the cores); evaluation stays in this "
+        "process (default: 1)",
+    )
     own = parser.add_argument_group("bring your own models and data (paths or hub names)")
     own.add_argument("--policy", help="SFT policy to start from (causal LM)")
     own.add_argument("--reference", help="KL reference (default: the policy)")
@@ -56,8 +69,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from llm_env.distributed import world_size
     from rlhf_bench.leaderboard.runner import run_benchmark
     from rlhf_bench.leaderboard.settings import BenchmarkSettings
+
+    if world_size() > 1:  # every rank would run the whole benchmark
+        raise SystemExit("llm-env benchmark: run it in one process and pass --nproc N, not under torchrun")
 
     settings = getattr(BenchmarkSettings, args.size)(seed=args.seed)
     agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
@@ -74,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         gold_reward_model=args.gold_reward_model,
         progress=args.progress,
+        nproc=args.nproc,
     )
     print(f"benchmark finished in {result.seconds:.0f}s; reports in {args.out}")
     return 0

@@ -13,13 +13,14 @@ Adding an agent to the leaderboard takes one registered function::
 
 The runner times the function (wall time), then evaluates the returned agent on the held-out prompts,
 through the same environment with the SFT model as KL reference: gold score, proxy score, KL to the SFT
-policy, gold win-rate against the SFT policy and generation throughput.
+policy, gold win-rate against the SFT policy and generation throughput. ``register_agent(...,
+default=False)`` keeps an entry out of the default run; ``--agents all`` (or naming it) runs it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "EvalResult",
     "register_agent",
     "registered_agents",
+    "select_agents",
     "win_rate",
 ]
 
@@ -50,28 +52,62 @@ AgentFactory = Callable[["BenchmarkContext"], Any]
 
 @dataclass(frozen=True)
 class AgentEntry:
-    """A leaderboard entry: a name, a factory that trains and returns an agent, and a description."""
+    """A leaderboard entry: a name, a factory that trains and returns an agent, a description, and whether
+    the default run (no ``--agents``) includes it."""
 
     name: str
     factory: AgentFactory
     description: str = ""
+    default: bool = True
 
 
 _REGISTRY: dict[str, AgentEntry] = {}
 
+SELECTORS = ("all", "default")
+"""Names that stand for several entries in ``--agents``: every entry, or the default ones."""
 
-def register_agent(name: str, *, description: str = "") -> Callable[[AgentFactory], AgentFactory]:
-    """Decorator adding ``factory(ctx) -> agent`` to the leaderboard under ``name``."""
-    if not name or any(c.isspace() for c in name):
-        raise ValueError(f"agent names must be non-empty and without spaces, got {name!r}")
+
+def register_agent(
+    name: str, *, description: str = "", default: bool = True
+) -> Callable[[AgentFactory], AgentFactory]:
+    """Decorator adding ``factory(ctx) -> agent`` to the leaderboard under ``name``; ``default=False`` runs it
+    only with ``--agents all`` or when named."""
+    if not name or any(c.isspace() for c in name) or name in SELECTORS or "," in name:
+        raise ValueError(
+            f"agent names must be non-empty, without spaces or commas, and not one of {SELECTORS}, got {name!r}"
+        )
 
     def decorate(factory: AgentFactory) -> AgentFactory:
         _REGISTRY[name] = AgentEntry(
-            name, factory, description or (factory.__doc__ or "").strip().split("\n")[0]
+            name, factory, description or (factory.__doc__ or "").strip().split("\n")[0], default
         )
         return factory
 
     return decorate
+
+
+def select_agents(names: Sequence[str] | None) -> list[str]:
+    """The entries (and ``"best-of-k"``) a run with ``--agents names`` trains, in registration order.
+
+    None: the default entries and best-of-k; ``"all"``: every entry and best-of-k; ``"default"``: the
+    default ones; other names are taken as they are (unknown names raise). Duplicates are dropped.
+    """
+    registry = registered_agents()
+    defaults = [name for name, entry in registry.items() if entry.default] + ["best-of-k"]
+    expanded: list[str] = []
+    for name in defaults if names is None else names:
+        if name == "all":
+            expanded += [*registry, "best-of-k"]
+        elif name == "default":
+            expanded += defaults
+        else:
+            expanded.append(name)
+    unknown = [name for name in expanded if name not in registry and name != "best-of-k"]
+    if unknown:
+        raise ValueError(
+            f"unknown agents {unknown}; registered: {[*registry, 'best-of-k']} (or 'all', 'default')"
+        )
+    return list(dict.fromkeys(expanded))
 
 
 def registered_agents() -> dict[str, AgentEntry]:
@@ -169,8 +205,10 @@ class BenchmarkContext:
         """
         if isinstance(reference, str) and reference == "sft":
             reference = self.reference
-        texts = {"train": self.artifacts.train_prompts, "eval": self.artifacts.eval_prompts}.get(
-            prompts, prompts
+        texts = (
+            {"train": self.artifacts.train_prompts, "eval": self.artifacts.eval_prompts}[prompts]
+            if isinstance(prompts, str)
+            else prompts
         )
         options = dict(
             prompts=texts,

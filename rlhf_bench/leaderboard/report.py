@@ -93,6 +93,11 @@ def write_report(result: Any, out_dir: Path, *, log: Callable[[str], None] = pri
         "fits": fits,
         "curves": {name: rec.get("curve") for name, rec in result.records.items() if rec.get("curve")},
         "histories": {name: rec.get("history") for name, rec in result.records.items() if rec.get("history")},
+        "budgets": {
+            name: {"sampled_tokens": rec["sampled_tokens"], "token_budget": rec["token_budget"]}
+            for name, rec in result.records.items()
+            if "sampled_tokens" in rec
+        },
         "reward_models": {k: v for k, v in result.artifacts.items() if k.startswith("rm_")},
         "artifacts": result.artifacts,
         "settings": result.settings,
@@ -151,6 +156,14 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
             else "no gold rater: ranked by the proxy reward model."
         )
     )
+    budget = result.settings.get("token_budget")
+    if budget is not None and any("sampled_tokens" in rec for rec in result.records.values()):
+        lines += [
+            "",
+            f"Budget: every policy-optimisation agent (PPO and its sweep, the critic-free agents) stops after "
+            f"the update at which its rollouts reach {budget:,} sampled response tokens; the notes say how "
+            "many each sampled.",
+        ]
     lines += ["", format_table(rows, markdown=True), ""]
     notes = [f"* **{r['agent']}**: {r['note']}" for r in rows if r.get("note")]
     if notes:
@@ -255,15 +268,16 @@ def _plots(result: Any, out_dir: Path, fits: dict[str, Any]) -> list[str]:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, history in histories.items():
         if history and "update" in history[0]:
-            updates = [h["update"] for h in history]
-            axes[0].plot(updates, [h["score"] for h in history], label=name)
-            axes[1].plot(updates, [h["kl"] for h in history], label=name)
+            key = "sampled_tokens" if "sampled_tokens" in history[0] else "update"
+            steps = [h[key] for h in history]
+            axes[0].plot(steps, [h["score"] for h in history], label=name)
+            axes[1].plot(steps, [h["kl"] for h in history], label=name)
         elif history and "round" in history[0]:
             rounds = [h["round"] for h in history]
             axes[2].plot(rounds, [h["sample_score"] for h in history], "o-", label=f"{name} mean of k")
             axes[2].plot(rounds, [h["best_score"] for h in history], "s--", label=f"{name} best of k")
-    axes[0].set(title="PPO: proxy score per rollout", xlabel="update", ylabel="proxy score")
-    axes[1].set(title="PPO: KL to the reference per episode", xlabel="update", ylabel="KL")
+    axes[0].set(title="Proxy score per rollout", xlabel="sampled response tokens", ylabel="proxy score")
+    axes[1].set(title="KL to the reference per episode", xlabel="sampled response tokens", ylabel="KL")
     axes[2].set(title="Rejection sampling rounds", xlabel="round", ylabel="proxy score")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:

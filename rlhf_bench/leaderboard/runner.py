@@ -17,7 +17,14 @@ from agents.rejection import best_of_k_kl, best_of_k_kl_theory
 from llm_env.models import resolve_device
 from rlhf_bench.leaderboard.artifacts import Artifacts, build_artifacts, load_byo_artifacts
 from rlhf_bench.leaderboard.builtin_agents import ppo_run
-from rlhf_bench.leaderboard.harness import BenchmarkContext, EvalResult, registered_agents, win_rate
+from rlhf_bench.leaderboard.harness import (
+    BenchmarkContext,
+    EvalResult,
+    registered_agents,
+    select_agents,
+    win_rate,
+)
+from rlhf_bench.leaderboard.launch import DATA_PARALLEL_ENTRIES, TrainingJob, train_on_processes
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 
 __all__ = ["BenchmarkResult", "Row", "best_of_k_curve", "run_benchmark"]
@@ -135,20 +142,26 @@ def run_benchmark(
     gold_reward_model: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    nproc: int = 1,
 ) -> BenchmarkResult:
     """Run the benchmark and write the leaderboard, plots and samples to ``out_dir``.
 
     Args:
         settings: budgets (default :meth:`BenchmarkSettings.quick`).
-        agents: entries to run (default: all registered ones, plus ``best-of-k``); ``sft`` always runs.
+        agents: entries to run (default: the default entries, plus ``best-of-k``; ``["all"]``: every
+            registered entry; see :func:`~rlhf_bench.leaderboard.harness.select_agents`); ``sft`` always runs.
         device: ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA when available).
         policy, reference, reward_model, prompts, gold_reward_model: run on your own models and prompts
             instead of the built-in task (paths or hub names); without a gold model the leaderboard ranks by
             the reward model and reports no gold score.
+        nproc: train PPO (with its sweep) and rejection sampling on this many local processes
+            (:mod:`rlhf_bench.leaderboard.launch`); evaluation stays in this process.
     """
     from rlhf_bench.leaderboard.report import write_report
 
     settings = settings or BenchmarkSettings.quick()
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
     device = resolve_device(device)
     torch.manual_seed(settings.seed)
     start = time.perf_counter()
@@ -174,12 +187,29 @@ def run_benchmark(
             settings, cache_dir=cache_dir, device=device, rebuild=rebuild, log=log, progress=progress
         )
     ctx = BenchmarkContext(artifacts, settings, device, out_dir, log=log, progress=progress)
+    byo = dict(
+        policy=policy,
+        reward_model=reward_model,
+        prompts=prompts,
+        reference=reference,
+        gold_reward_model=gold_reward_model,
+    )
+
+    def job(entry: str, **kwargs: Any) -> TrainingJob:
+        """A training job for ``nproc`` processes, rebuilding this run's artifacts in every worker."""
+        return TrainingJob(
+            entry,
+            settings,
+            out_dir,
+            device.type,
+            artifacts=byo if policy is not None else {"cache_dir": cache_dir},
+            byo=policy is not None,
+            progress=progress,
+            **kwargs,
+        )
 
     registry = registered_agents()
-    selected = list(agents) if agents else [*registry, "best-of-k"]
-    unknown = [a for a in selected if a not in registry and a != "best-of-k"]
-    if unknown:
-        raise ValueError(f"unknown agents {unknown}; registered: {[*registry, 'best-of-k']}")
+    selected = select_agents(agents or None)
 
     tick = time.perf_counter()
     sft_policy = registry["sft"].factory(ctx)
@@ -210,10 +240,13 @@ def run_benchmark(
             continue
         entry = registry[name]
         tick = time.perf_counter()
-        agent = entry.factory(ctx)
+        if nproc > 1 and name in DATA_PARALLEL_ENTRIES:
+            agent = train_on_processes(ctx, job(name), nproc)
+        else:
+            agent = entry.factory(ctx)
         wall = time.perf_counter() - tick
         results[name] = result = ctx.evaluate(agent, name)
-        row = _row(name, result, baseline, wall, entry.description)
+        row = _row(name, result, baseline, wall, _note(entry.description, ctx.records.get(name)))
         rows.append(row)
         log(
             f"{name}: gold {row.gold:.3f}, proxy {row.proxy:.3f}, KL {row.kl:.2f}, win-rate {row.win_rate:.2f} ({wall:.0f}s)"
@@ -222,12 +255,14 @@ def run_benchmark(
             for beta in settings.sweep_kl_coefs:
                 label = f"ppo-beta-{beta:g}"
                 tick = time.perf_counter()
-                swept = ppo_run(ctx, label, beta, settings.sweep_updates)
+                if nproc > 1:
+                    swept = train_on_processes(ctx, job(label, kl_coef=beta), nproc)
+                else:
+                    swept = ppo_run(ctx, label, beta)
                 wall = time.perf_counter() - tick
                 results[label] = result = ctx.evaluate(swept, label)
-                rows.append(
-                    _row(label, result, baseline, wall, f"PPO with beta={beta:g} (over-optimisation sweep)")
-                )
+                note = _note(f"PPO with beta={beta:g} (over-optimisation sweep)", ctx.records.get(label))
+                rows.append(_row(label, result, baseline, wall, note))
                 log(
                     f"{label}: gold {rows[-1].gold:.3f}, proxy {rows[-1].proxy:.3f}, KL {rows[-1].kl:.2f} ({wall:.0f}s)"
                 )
@@ -246,6 +281,16 @@ def run_benchmark(
     )
     write_report(result, out_dir, log=log)
     return result
+
+
+def _note(description: str, record: dict[str, Any] | None) -> str:
+    """A row's note: its description, and the response tokens it sampled when it trains on the budget."""
+    if not record or "sampled_tokens" not in record:
+        return description
+    return (
+        f"{description}; {record['sampled_tokens']:,} response tokens sampled "
+        f"(budget {record['token_budget']:,})"
+    )
 
 
 def _samples(results: dict[str, EvalResult], n: int) -> list[dict[str, Any]]:

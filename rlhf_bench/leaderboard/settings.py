@@ -63,18 +63,23 @@ class BenchmarkSettings:
     """Response budget in tokens."""
     num_envs: int = 32
     """Sub-environments stepped in parallel."""
-    ppo_updates: int = 30
-    """PPO updates of the main PPO run."""
+    token_budget: int = 36_000
+    """Sampled response tokens per policy-optimisation run (PPO, its sweep and the critic-free agents): each
+    stops after the update at which its rollouts reach it. Every generated token counts, ReMax's greedy
+    baselines and DAPO's dropped groups included; each row records what it actually sampled. 36,000 is
+    about PPO's former 30 updates of 64 episodes (about 19 tokens each on the quick task). The offline DPO
+    row samples nothing and states its data instead."""
     ppo_episodes: int = 64
-    """Episodes per PPO update."""
+    """Episodes per update of every policy-optimisation agent (PPO's rollout; prompts x group size)."""
     ppo_lr: float = 1e-4
-    """PPO learning rate (also for the sweep and Stable-Baselines3)."""
+    """Learning rate of PPO (also of the sweep, Stable-Baselines3 and the critic-free agents)."""
     ppo_kl_coef: float = 0.1
-    """beta of the main PPO run."""
+    """beta of the main PPO run and of every critic-free agent."""
+    group_size: int = 8
+    """Responses per prompt of GRPO, Dr. GRPO, DAPO, GSPO and RLOO (``ppo_episodes / group_size`` prompts
+    per update); REINFORCE++ and ReMax sample one response for each of ``ppo_episodes`` prompts."""
     sweep_kl_coefs: tuple[float, ...] = (0.002,)
     """Extra PPO runs (for the over-optimisation curves); the smallest shows proxy up, gold down."""
-    sweep_updates: int = 30
-    """Updates of each sweep run."""
     curve_every: int = 5
     """Evaluate PPO runs on the held-out prompts every this many updates (for the curves)."""
     bon_samples: int = 32
@@ -91,6 +96,20 @@ class BenchmarkSettings:
     """PPO updates of the iterative pipeline."""
     sb3_timesteps: int = 3072
     """Environment steps of the Stable-Baselines3 PPO run."""
+    dpo_beta: float = 0.1
+    """beta of the offline and online DPO rows (Rafailov et al. 2023; Guo et al. 2024)."""
+    dpo_lr: float = 3e-4
+    """Learning rate of offline DPO."""
+    dpo_epochs: int = 1
+    """Passes of offline DPO over the preference data."""
+    dpo_batch_size: int = 32
+    """Preference pairs per offline DPO step."""
+    online_dpo_lr: float = 2e-4
+    """Learning rate of online DPO."""
+    online_dpo_prompts: int = 32
+    """Prompts per online DPO update, each sampled twice (as many episodes as a PPO update)."""
+    online_dpo_minibatch: int = 8
+    """Pairs per online DPO optimizer step."""
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchmarkSettings:
@@ -111,10 +130,9 @@ class BenchmarkSettings:
             train_prompts=2048,
             eval_prompts=256,
             eval_samples=4,
-            ppo_updates=100,
+            token_budget=240_000,
             ppo_episodes=128,
             sweep_kl_coefs=(0.001, 0.01, 0.2),
-            sweep_updates=100,
             curve_every=10,
             bon_samples=128,
             rs_rounds=3,
@@ -123,6 +141,7 @@ class BenchmarkSettings:
             iterative_rs_rounds=2,
             iterative_ppo_updates=60,
             sb3_timesteps=20000,
+            online_dpo_prompts=64,
         )
         values.update(overrides)
         return cls(**values)
@@ -145,10 +164,10 @@ class BenchmarkSettings:
             eval_samples=1,
             max_new_tokens=12,
             num_envs=8,
-            ppo_updates=2,
+            token_budget=120,
             ppo_episodes=8,
+            group_size=4,
             sweep_kl_coefs=(0.002,),
-            sweep_updates=2,
             curve_every=1,
             bon_samples=4,
             rs_rounds=1,
@@ -157,6 +176,9 @@ class BenchmarkSettings:
             iterative_rs_rounds=1,
             iterative_ppo_updates=1,
             sb3_timesteps=64,
+            dpo_batch_size=16,
+            online_dpo_prompts=4,
+            online_dpo_minibatch=4,
         )
         values.update(overrides)
         return cls(**values)

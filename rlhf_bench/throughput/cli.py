@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from llm_env.config_cli import add_dataclass_arguments, dataclass_from_args
+from llm_env.distributed import is_main_process
 from rlhf_bench.throughput.measure import run_throughput
 from rlhf_bench.throughput.report import format_report
 from rlhf_bench.throughput.settings import ThroughputSettings
@@ -31,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
-        if not args.quiet:
+        if not args.quiet and is_main_process():
             print(message, file=sys.stderr, flush=True)
 
     try:
@@ -40,6 +41,8 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not is_main_process():  # under torchrun every rank measured; rank 0 reports
+        return 0
     report["command"] = "llm-env " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("llm-env") else None
     print(format_report(report))
     if args.json:

@@ -4,6 +4,13 @@ Throughput is generated tokens per second, the median over ``repeats`` timed run
 runs; the repetitions of all variants are interleaved (round-robin) so that a change of machine load
 affects them alike, and the ratios are computed from medians measured in the same process.
 
+Under ``torchrun --nproc-per-node N`` (:mod:`llm_env.distributed`) every rank runs every variant with its
+own ``batch_size`` episodes, the ranks start each timed run together (a barrier) and a run takes as long
+as its slowest rank: the reported throughput is all ranks' tokens over that time, and ``ppo-update`` is a
+data-parallel update (gradients averaged across the ranks). ``torchrun --nproc-per-node 2 ... --threads 1
+--batch-size 8`` against ``--threads 2 --batch-size 16`` in one process compares 2 processes x 1 thread
+with 1 process x 2 threads on the same global batch. ``lora-memory`` measures one process only.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the warm-up run minus the allocation before
 the variant built its models (so it includes the variant's models, caches and activations); on CPU, the
 kernel's high-water mark of the process's resident set size (``VmHWM``, reset through
@@ -28,6 +35,7 @@ from typing import Any
 import torch
 
 from llm_env import AdapterDisabled
+from llm_env.distributed import all_gather_objects, barrier, init_distributed, world_size
 from rlhf_bench.throughput.models import Setup, build_setup
 from rlhf_bench.throughput.report import environment
 from rlhf_bench.throughput.settings import ThroughputSettings
@@ -174,14 +182,23 @@ def _sync(device: torch.device) -> None:
 
 
 def _timed(run: Callable[[int], int], rep: int, device: torch.device) -> tuple[float, int, float]:
-    """(seconds, generated tokens, CPU cores used by other processes meanwhile) of one run."""
+    """(seconds, generated tokens, CPU cores used by other processes meanwhile) of one run.
+
+    On N processes the ranks start together and the run lasts until the slowest one finishes: the
+    seconds are the longest rank's, the tokens those of all ranks.
+    """
     _sync(device)
+    barrier()
     before = _cpu_jiffies()
     start = time.perf_counter()
     tokens = run(rep)
     _sync(device)
     seconds = time.perf_counter() - start
-    return seconds, tokens, _other_load(before, _cpu_jiffies(), seconds)
+    load = _other_load(before, _cpu_jiffies(), seconds)
+    if world_size() > 1:
+        ranks = all_gather_objects((seconds, tokens, load))
+        seconds, tokens, load = max(r[0] for r in ranks), sum(r[1] for r in ranks), max(r[2] for r in ranks)
+    return seconds, tokens, load
 
 
 def _rollouts(setup: Setup, names: Sequence[str], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
@@ -217,14 +234,17 @@ def _rollouts(setup: Setup, names: Sequence[str], log: Callable[[str], None]) ->
             if len(results[name]["seconds"]) >= wanted:
                 continue
             seconds, tokens, load = _timed(variant.run, rep, setup.device)
-            if tokens != setup.tokens:
-                raise RuntimeError(f"{name} generated {tokens} tokens, expected {setup.tokens}")
+            if tokens != setup.tokens * world_size():
+                raise RuntimeError(
+                    f"{name} generated {tokens} tokens, expected {setup.tokens * world_size()}"
+                )
             results[name]["seconds"].append(seconds)
             results[name]["other_load"].append(load)
             log(f"{name} run {rep + 1}: {tokens / seconds:,.0f} tokens/s (other processes: {load:.2f} cores)")
     for result in results.values():
         median = statistics.median(result["seconds"])
-        result.update(tokens=setup.tokens, median_seconds=median, tokens_per_s=setup.tokens / median)
+        tokens = setup.tokens * world_size()
+        result.update(tokens=tokens, median_seconds=median, tokens_per_s=tokens / median)
     built.clear()
     _release_memory(setup.device)
     return results
@@ -238,16 +258,15 @@ def _ppo_update(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
         agent = ppo_agent(setup, setup.copy(setup.policy), lora=lora)
         env = make_env(setup, agent.reference, setup.copy(setup.reward))
         trajectories = env_rollout(env, agent, setup, seed=s.seed)
-        timings = []
-        for _ in range(max(1, s.warmup) + s.repeats):
-            _sync(setup.device)
-            start = time.perf_counter()
-            agent.learn(trajectories)
-            _sync(setup.device)
-            timings.append(time.perf_counter() - start)
-        timings = timings[max(1, s.warmup) :]
+
+        def update(rep: int, agent: Any = agent, trajectories: Any = trajectories) -> int:
+            agent.learn(trajectories)  # on N processes: a data-parallel update over every rank's episodes
+            return 0
+
+        warm = max(1, s.warmup)
+        timings = [_timed(update, rep, setup.device)[0] for rep in range(warm + s.repeats)][warm:]
         median = statistics.median(timings)
-        tokens = int(trajectories.lengths.sum())
+        tokens = int(trajectories.lengths.sum()) * world_size()
         out[label] = {
             "tokens": tokens,
             "ppo_epochs": s.ppo_epochs,
@@ -255,7 +274,7 @@ def _ppo_update(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
             "tokens_per_s_per_epoch": tokens * s.ppo_epochs / median,
         }
         log(f"ppo-update {label}: {out[label]['tokens_per_s_per_epoch']:,.0f} tokens/s per epoch")
-        del agent, env, trajectories
+        del agent, env, trajectories, update
         _release_memory(setup.device)
     return out
 
@@ -328,19 +347,24 @@ def run_throughput(
 ) -> dict[str, Any]:
     """Run the selected variants and return the report (what ``--json`` writes)."""
     log = log or (lambda message: None)
+    init_distributed()  # under torchrun: every rank measures, rank 0 reports
+    if world_size() > 1 and settings.variants is not None and "lora-memory" in settings.variants:
+        raise ValueError("lora-memory measures one process: run it without torchrun")
     previous_threads = torch.get_num_threads()
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     try:
         setup = build_setup(settings)
         variants = settings.variants
-        if variants is None:  # all that apply to the device
+        if variants is None:  # all that apply to the device (and to N processes)
             variants = tuple(v for v in VARIANTS if setup.device.type == "cuda" or v not in CUDA_ONLY)
+            if world_size() > 1:
+                variants = tuple(v for v in variants if v != "lora-memory")
         elif setup.device.type != "cuda" and set(variants) & set(CUDA_ONLY):
             raise ValueError(f"{', '.join(CUDA_ONLY)} need a CUDA device")
         report: dict[str, Any] = {
             "settings": {**asdict(settings), "variants": list(variants)},
-            "environment": environment(setup.device),
+            "environment": {**environment(setup.device), "processes": world_size()},
             "variants": {},
             "ratios": {},
         }

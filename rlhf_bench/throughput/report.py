@@ -45,7 +45,8 @@ def format_report(report: dict[str, Any]) -> str:
     where = env.get("gpu", env["cpu"])
     lines = [
         f"{s['shape']} shape, batch {s['batch_size']}, prompt {s['prompt_length']}, {s['new_tokens']} new tokens, "
-        f"{s['dtype']}, {where} ({env['device']}, {env['torch_threads']} threads); "
+        f"{s['dtype']}, {where} ({env['device']}, {env.get('processes', 1)} process(es) x "
+        f"{env['torch_threads']} threads; batch per process); "
         f"median of {s['repeats']} timed runs ({s['no_cache_repeats']} for no-cache)",
     ]
     if report["variants"]:

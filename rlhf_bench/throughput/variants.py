@@ -27,6 +27,7 @@ from agents.policy import add_lora
 from agents.ppo import PPOAgent, PPOConfig
 from agents.rollout import Trajectories, collect_episodes
 from llm_env import AdapterDisabled, TextGenVectorEnv
+from llm_env.distributed import world_size
 from rlhf_bench.throughput.baselines import generate, monolithic, no_cache
 from rlhf_bench.throughput.models import Setup
 
@@ -143,8 +144,10 @@ def ppo_agent(
         temperature=s.temperature,
         kl_coef=s.kl_coef,
         lora_rank=s.lora_rank if lora else 0,
-        episodes_per_update=s.batch_size,
-        minibatch_size=math.gcd(s.batch_size, 16),  # bounded activations: <= 16 episodes per step
+        # batch_size episodes per process (and per minibatch at most 16): on N processes the update is
+        # data-parallel over all ranks' episodes.
+        episodes_per_update=s.batch_size * world_size(),
+        minibatch_size=math.gcd(s.batch_size, 16) * world_size(),
         ppo_epochs=s.ppo_epochs,
         seed=s.seed,
         progress=False,

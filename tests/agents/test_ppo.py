@@ -33,7 +33,8 @@ def test_ppo_raises_the_reward_model_score(fresh_policy, tokenizer, task_prompts
 def test_ppo_with_lora_learns_and_keeps_the_base_frozen(fresh_policy, tokenizer, task_prompts, task_reward):
     base = fresh_policy()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    agent = PPOAgent(base, tokenizer, PPOConfig(**{**FAST, "learning_rate": 5e-2}, lora_rank=8))
+    # 2e-2: 5e-2 overshoots with some rollout orders (the unbiased collector changed them)
+    agent = PPOAgent(base, tokenizer, PPOConfig(**{**FAST, "learning_rate": 2e-2}, lora_rank=8))
     env = make(agent, task_prompts, task_reward)
     assert env.fused_policy is agent.policy  # the reference is the base with the adapter switched off
     agent.train(env, 6)

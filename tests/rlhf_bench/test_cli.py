@@ -4,9 +4,18 @@ import dataclasses
 
 import pytest
 
-from agents.cli import ENV_OPTIONS, RunOptions
+from agents.cli import ENV_OPTIONS, PG_AGENTS, DPORunOptions, RunOptions
+from agents.dapo import DAPOConfig
+from agents.dpo import DPOConfig
+from agents.dr_grpo import DrGRPOConfig
+from agents.grpo import GRPOConfig
+from agents.gspo import GSPOConfig
+from agents.online_dpo import OnlineDPOConfig
 from agents.ppo import PPOConfig
+from agents.reinforce_pp import ReinforcePPConfig
 from agents.rejection import RejectionSamplingConfig
+from agents.remax import ReMaxConfig
+from agents.rloo import RLOOConfig
 from llm_env import EnvConfig
 from rewards.train import RewardTrainingConfig
 from rlhf_bench.cli import build_parser, main
@@ -15,6 +24,15 @@ from rlhf_bench.throughput import ThroughputSettings
 COMMANDS = {
     "ppo": [RunOptions, PPOConfig],
     "rejection-sampling": [RunOptions, RejectionSamplingConfig],
+    "grpo": [RunOptions, GRPOConfig],
+    "dr-grpo": [RunOptions, DrGRPOConfig],
+    "dapo": [RunOptions, DAPOConfig],
+    "gspo": [RunOptions, GSPOConfig],
+    "rloo": [RunOptions, RLOOConfig],
+    "reinforce-pp": [RunOptions, ReinforcePPConfig],
+    "remax": [RunOptions, ReMaxConfig],
+    "dpo": [DPORunOptions, DPOConfig],
+    "online-dpo": [RunOptions, OnlineDPOConfig],
     "train-rm": [RewardTrainingConfig],
     "bench-throughput": [ThroughputSettings],
     "benchmark": [],
@@ -37,7 +55,7 @@ def test_every_subcommand_has_a_help_page(command, capsys):
     assert f"llm-env {command}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["ppo", "rejection-sampling", "train-rm", "bench-throughput"])
+@pytest.mark.parametrize("command", sorted(set(COMMANDS) - {"benchmark"}))
 def test_options_are_generated_from_the_config_dataclasses(command):
     parser = build_parser()
     sub = parser._subparsers._group_actions[0].choices[command]  # argparse keeps subparsers here
@@ -47,13 +65,22 @@ def test_options_are_generated_from_the_config_dataclasses(command):
             flag for flag in _flags(cls) if not flag.startswith("--sft")
         }  # nested SFT config: prefixed
         assert expected <= options, (cls.__name__, expected - options)
-    if command in ("ppo", "rejection-sampling"):
+    if command in (
+        "ppo",
+        "rejection-sampling",
+        "online-dpo",
+        *PG_AGENTS,
+    ):  # the critic-free configs own --kl-estimator
         assert {"--" + name.replace("_", "-") for name in ENV_OPTIONS} <= options
+    if command in PG_AGENTS:
+        assert {"--updates", "--total-tokens"} <= options
+        assert PG_AGENTS[command][0].config_class is COMMANDS[command][1]
 
 
 def test_every_device_option_defaults_to_auto():
     assert EnvConfig.__dataclass_fields__["device"].default == "auto"
     assert RunOptions.device == "auto"
+    assert DPORunOptions.device == "auto"
     assert RewardTrainingConfig.device == "auto"
     assert ThroughputSettings.device == "auto"
     benchmark = build_parser()._subparsers._group_actions[0].choices["benchmark"]

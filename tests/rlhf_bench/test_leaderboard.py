@@ -20,7 +20,7 @@ from rlhf_bench.leaderboard import (
     run_benchmark,
 )
 from rlhf_bench.leaderboard.builtin_agents import RandomAgent
-from rlhf_bench.leaderboard.harness import _REGISTRY
+from rlhf_bench.leaderboard.harness import _REGISTRY, select_agents
 from rlhf_bench.leaderboard.report import fit_best_of_n, fit_rl, format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -89,21 +89,29 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     logs: list[str] = []
     settings = BenchmarkSettings.tiny()
     result = run_benchmark(
-        settings, cache_dir=tmp_path / "cache", out_dir=tmp_path / "out", progress=False, log=logs.append
+        settings,
+        agents=["all"],
+        cache_dir=tmp_path / "cache",
+        out_dir=tmp_path / "out",
+        progress=False,
+        log=logs.append,
     )
     names = [row.agent for row in result.rows]
+    budgeted = ["ppo", "ppo-beta-0.002", "grpo", "grpo-kl-loss", "rloo"]
+    budgeted += ["dr-grpo", "dapo", "gspo", "reinforce-pp", "remax"]
     for expected in (
         "sft",
         "best-of-2",
         "random",
-        "ppo",
-        "ppo-beta-0.002",
         "rejection-sampling",
         "rs-then-ppo",
         "sb3-ppo",
-        "always-random",
+        "dpo",
+        "online-dpo",
+        *budgeted,
     ):
         assert expected in names, (expected, names)
+    assert "always-random" in names
     assert any(line.startswith("cached the SFT policy") for line in logs)
     out = tmp_path / "out"
     payload = json.loads((out / "leaderboard.json").read_text())
@@ -115,12 +123,40 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert rows["random"]["kl"] > rows["ppo"]["kl"]
     assert payload["best_of_k"][0]["k"] == 1 and payload["best_of_k"][-1]["kl_theory"] > 0
     assert {"rm_helpfulness", "rm_safety"} <= set(payload["reward_models"])
-    assert payload["curves"]["ppo"][0]["update"] == 0 and len(payload["curves"]["ppo"]) >= 2
+    updates = len(
+        payload["histories"]["ppo"]
+    )  # evaluated before training, every curve_every (1) and at the end
+    assert [point["update"] for point in payload["curves"]["ppo"]] == list(
+        range(updates + 1)
+    ) and updates >= 2
+    for (
+        name
+    ) in budgeted:  # every policy optimiser stopped at the same token budget, and says how many it used
+        budget = payload["budgets"][name]
+        assert budget["token_budget"] == settings.token_budget <= budget["sampled_tokens"], (name, budget)
+        assert (
+            budget["sampled_tokens"]
+            < settings.token_budget + 3 * settings.ppo_episodes * settings.max_new_tokens
+        )
+        assert payload["histories"][name][-1]["sampled_tokens"] == budget["sampled_tokens"]
+        assert f"{budget['sampled_tokens']:,} response tokens sampled" in rows[name]["note"]
+    assert payload["histories"]["grpo-kl-loss"][-1]["kl_loss"] >= 0
+    # DPO trains on both preference files the reward models learn from; online DPO spends the token budget.
+    dpo = result.records["dpo"]
+    assert dpo["data"] == ["preferences_helpfulness.jsonl", "preferences_safety.jsonl"]
+    assert dpo["pairs"] > 100 and len(dpo["history"]) == -(-dpo["pairs"] // settings.dpo_batch_size)
+    assert "preference data" in rows["dpo"]["note"]
+    online = result.records["online-dpo"]
+    assert online["sampled_tokens"] >= settings.token_budget
+    assert (
+        online["history"][-2]["sampled_tokens"] < settings.token_budget
+    )  # it stops once the budget is spent
     with open(out / "leaderboard.csv") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert [r["agent"] for r in csv_rows] == [r["agent"] for r in payload["leaderboard"]]
     markdown = (out / "leaderboard.md").read_text()
     assert "| agent | gold score |" in markdown and "always-random" in markdown
+    assert f"reach {settings.token_budget:,} sampled response tokens" in markdown
     assert "## `" in (out / "samples.md").read_text()
     for plot in ("overoptimization.png", "training.png", "reward_models.png"):
         assert (out / plot).read_bytes()[:8] == PNG
@@ -138,6 +174,22 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert any(line.startswith("reusing the cached") for line in logs)
     assert [r.agent for r in again.rows] == ["sft", "random"]
     assert again.rows[0].gold == pytest.approx(result.rows[0].gold)  # same seed, same evaluation
+
+
+def test_default_and_all_selections(custom_entry):
+    default = select_agents(None)
+    assert {"sft", "ppo", "grpo", "grpo-kl-loss", "rloo", "rejection-sampling", "best-of-k"} <= set(default)
+    assert "always-random" in default  # entries are default unless registered with default=False
+    extra = {"dr-grpo", "dapo", "gspo", "reinforce-pp", "remax"}
+    assert not extra & set(default)
+    everything = select_agents(["all"])
+    assert extra <= set(everything) and set(default) <= set(everything)
+    assert select_agents(["sft", "default", "gspo"]) == [*default, "gspo"]  # duplicates dropped, order kept
+    assert select_agents(["ppo", "ppo"]) == ["ppo"]
+    with pytest.raises(ValueError, match="unknown agents"):
+        select_agents(["grpo", "nope"])
+    with pytest.raises(ValueError, match="not one of"):
+        register_agent("all")
 
 
 def test_bring_your_own_models_without_gold(tmp_path, saved_gpt2, saved_classifier, tokenizer):
@@ -216,6 +268,6 @@ def test_cli_runs_the_benchmark(tiny_cache, tmp_path, capsys):
 
 def test_settings_key_changes_with_artifact_fields_only():
     base = BenchmarkSettings.quick()
-    assert base.artifact_key() == BenchmarkSettings.quick(ppo_updates=99).artifact_key()
+    assert base.artifact_key() == BenchmarkSettings.quick(token_budget=99).artifact_key()
     assert base.artifact_key() != BenchmarkSettings.quick(rm_epochs=5).artifact_key()
     assert torch.is_tensor(torch.zeros(1))

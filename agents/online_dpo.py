@@ -1,0 +1,408 @@
+"""Online DPO: DPO on fresh samples ranked by the reward model (Guo et al. 2024, "Direct Language Model
+Alignment from Online AI Feedback").
+
+Offline DPO learns from pairs sampled once, from another policy; as training moves the policy away from
+that data, the pairs stop saying anything about the responses it now gives. Guo et al. make DPO on-policy:
+each update samples two responses per prompt from the *current* policy, an annotator (here the reward
+model, through the environment's final score) picks the chosen and the rejected one, and one DPO step is
+taken on those pairs against the frozen reference (the SFT model). Ties carry no preference: their pairs are
+skipped and counted.
+
+The responses are sampled through :class:`~llm_env.TextGenVectorEnv` with the Gym API, like every agent here:
+an environment with ``AutoresetMode.DISABLED`` and forced prompts, each prompt twice (as rejection sampling
+draws its k samples), whose ``info["completion"]["score"]`` is the reward model's score. The environment's KL
+coefficient is 0 (DPO regularises through beta in the loss); with a reference it still measures the KL to it,
+which is logged. The loss, the pair layout and the reference handling are those of :mod:`agents.dpo`.
+
+Reading order: :class:`OnlineDPOConfig`, :meth:`OnlineDPOAgent.pairs` (sampled episodes to preference pairs),
+:meth:`OnlineDPOAgent.learn` (the update), :meth:`OnlineDPOAgent.train` (the loop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from agents.checkpoint import load_training_state, save_training_state
+from agents.dpo import LossType, frozen_reference, pair_batch, preference_loss
+from agents.policy import SequenceBatch, TokenSampler, add_lora, load_policy, save_policy
+from agents.rollout import Trajectories, collect_episodes
+from agents.tracking import jsonable, tensorboard_writer
+from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
+from llm_env.models import pad_token_id
+from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
+
+__all__ = ["OnlineDPOAgent", "OnlineDPOConfig"]
+
+
+@dataclass
+class OnlineDPOConfig:
+    """Options of :class:`OnlineDPOAgent`. Defaults follow Guo et al. 2024 and TRL's online DPO where noted."""
+
+    loss_type: LossType = "dpo"
+    """dpo: -log sigmoid(beta h); ipo: (h - 1/(2 beta))^2. Guo et al. ran both (and SLiC) online."""
+    beta: float = 0.1
+    """KL strength of the loss (Guo et al. and TRL: 0.1)."""
+    average_logprobs: bool = False
+    """Average log-probabilities over response tokens instead of summing them (as DPOConfig)."""
+    learning_rate: float = 5e-7
+    """AdamW learning rate (TRL's online DPO default, for 7B models; tiny models need ~1e-4)."""
+    prompts_per_update: int = 32
+    """Prompts per update, each answered twice: 2 x this many sampled episodes per update."""
+    minibatch_size: int = 8
+    """Pairs per optimizer step (2 x this many sequences per forward pass)."""
+    epochs: int = 1
+    """Passes over each update's pairs (1: every pair is used once, on-policy as in Guo et al.)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over the updates of :meth:`OnlineDPOAgent.train`."""
+    warmup_updates: int = 0
+    """Updates of linear learning-rate warmup."""
+    temperature: float = 1.0
+    """Sampling temperature; the loss scores responses at the same temperature (as PPO and TRL do)."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank; the reference is then the base with adapters disabled (0: full)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default 2 * rank)."""
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    """Modules that receive LoRA adapters."""
+    fuse_reference: bool = True
+    """With LoRA, let environments built by OnlineDPOAgent.make_env decode the policy and its adapter-disabled
+    reference in one forward pass and sample from the policy half (as PPOConfig); ignored without LoRA."""
+    seed: int = 0
+    """Seed of everything random: prompt choice, sampling, minibatch order."""
+    log_dir: str | None = None
+    """Write TensorBoard logs here."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(self.loss_type in ("dpo", "ipo"), f"loss_type must be 'dpo' or 'ipo', got {self.loss_type!r}")
+        check(self.beta > 0, f"beta must be > 0, got {self.beta} (Guo et al.: 0.1)")
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.prompts_per_update >= 1, f"prompts_per_update must be >= 1, got {self.prompts_per_update}")
+        check(
+            1 <= self.minibatch_size <= self.prompts_per_update,
+            f"minibatch_size ({self.minibatch_size}) must be in [1, prompts_per_update "
+            f"({self.prompts_per_update})]: it counts pairs, one per prompt",
+        )
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        check(self.warmup_updates >= 0, f"warmup_updates must be >= 0, got {self.warmup_updates}")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(self.lora_rank >= 0, f"lora_rank must be >= 0 (0 disables LoRA), got {self.lora_rank}")
+        if isinstance(self.lora_target_modules, list):
+            self.lora_target_modules = tuple(self.lora_target_modules)
+
+
+class OnlineDPOAgent:
+    """Online DPO acting through the Gym API: sample two responses per prompt, let the reward model rank
+    them, take DPO steps against the frozen reference.
+
+    Args:
+        policy: the SFT model to optimise (a causal LM object, or a path / hub name).
+        tokenizer: its tokenizer (default: loaded from ``policy`` when that is a path).
+        config: :class:`OnlineDPOConfig`.
+        reference: the frozen reference; default: the policy's base with LoRA adapters disabled when
+            ``lora_rank > 0``, otherwise a frozen copy of the initial policy.
+        device: where the policy lives (default: the model's device, or CUDA when available for paths).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module | str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+        config: OnlineDPOConfig | None = None,
+        *,
+        reference: nn.Module | str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.config = config = config or OnlineDPOConfig()
+        model, self.tokenizer, self.device = load_policy(policy, tokenizer, device)
+        if config.lora_rank:  # peft freezes the base weights; only the adapters train
+            model = add_lora(
+                model,
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                target_modules=config.lora_target_modules,
+            )
+        self.policy = model
+        self.reference = frozen_reference(model, reference, lora=bool(config.lora_rank), device=self.device)
+        """The frozen reference model, or None: the LoRA policy with its adapter disabled."""
+        self.optimizer = make_optimizer(
+            trainable_parameters(model),
+            lr=config.learning_rate,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = make_scheduler(self.optimizer, "constant", total_steps=1)
+        self.update = 0
+        """Updates done (the resume point)."""
+        self.sampled_tokens = 0
+        """Response tokens sampled so far (what a token budget counts)."""
+        self.ties = 0
+        """Pairs skipped so far because the reward model scored both responses the same."""
+        self.pad_id = pad_token_id(self.tokenizer)
+        self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
+
+    # ------------------------------------------------------------------------------------- wiring
+    @property
+    def env_reference(self) -> Any:
+        """What to pass as the environment's ``reference`` (to measure the KL): the frozen model, or the
+        adapter-disabled LoRA policy (fused with the policy's decode when ``fuse_reference``)."""
+        if self.reference is not None:
+            return self.reference
+        return AdapterDisabled(self.policy, fuse=self.config.fuse_reference)
+
+    def make_env(
+        self, prompts: Any, reward: Any, *, num_envs: int = 16, **env_kwargs: Any
+    ) -> TextGenVectorEnv:
+        """A :class:`~llm_env.TextGenVectorEnv` for online DPO: autoreset disabled (prompts are forced), KL
+        coefficient 0 (the loss regularises), this agent's tokenizer, device and reference (to measure the
+        KL). The sampler is attached to it, to act from fused policy logits when there are any."""
+        options = dict(
+            prompts=prompts,
+            reward=reward,
+            tokenizer=self.tokenizer,
+            reference=self.env_reference,
+            kl_coef=0.0,
+            device=self.device,
+            autoreset_mode=AutoresetMode.DISABLED,
+        )
+        options.update(env_kwargs)
+        env = TextGenVectorEnv(num_envs=num_envs, **options)
+        self.sampler.attach(env)
+        return env
+
+    # -------------------------------------------------------------------------------------- acting
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
+        """Sample the next tokens with the policy's KV cache; report their log-probabilities."""
+        return self.sampler.act(obs, restarted)
+
+    def sample(self, env: TextGenVectorEnv, prompt_indices: np.ndarray, *, seed: int) -> Trajectories:
+        """Two responses to each prompt (episodes 2i and 2i + 1 answer ``prompt_indices[i]``)."""
+        if env.metadata["autoreset_mode"] != AutoresetMode.DISABLED:
+            raise ValueError(
+                "online DPO forces prompts: build the env with autoreset_mode=AutoresetMode.DISABLED"
+            )
+        self.policy.eval()
+        self._generator.manual_seed(seed)
+        queue = np.repeat(np.asarray(prompt_indices, dtype=np.int64), 2)
+        return collect_episodes(env, self, len(queue), seed=seed, prompt_indices=queue)
+
+    # ------------------------------------------------------------------------------------ learning
+    def pairs(self, trajectories: Trajectories) -> tuple[SequenceBatch | None, dict[str, float]]:
+        """The preference pairs of sampled episodes, as a :func:`~agents.dpo.pair_batch` (None if every pair
+        ties): episodes 2i and 2i + 1 answer one prompt, the higher reward-model score is chosen."""
+        n = len(trajectories) // 2
+        index = trajectories.prompt_index
+        if len(trajectories) % 2 or not np.array_equal(index[0::2], index[1::2]):
+            raise ValueError(
+                "online DPO needs episodes in pairs: episodes 2i and 2i + 1 must answer one prompt"
+            )
+        scores = trajectories.scores.reshape(n, 2)
+        decided = np.flatnonzero(scores[:, 0] != scores[:, 1])  # ties carry no preference: skipped
+        first_wins = scores[decided, 0] > scores[decided, 1]
+        chosen = 2 * decided + np.where(first_wins, 0, 1)
+        rejected = 2 * decided + np.where(first_wins, 1, 0)
+        stats = {
+            "pairs": float(len(decided)),
+            "ties": float(n - len(decided)),
+            "score": float(np.mean(trajectories.scores)),
+            "chosen_score": float(np.mean(scores.max(axis=1))),
+            "rejected_score": float(np.mean(scores.min(axis=1))),
+        }
+        if not len(decided):
+            return None, stats
+        responses = trajectories.response_list()
+        batch = pair_batch(
+            [trajectories.prompt_ids[i] for i in chosen],
+            [responses[i] for i in chosen],
+            [responses[i] for i in rejected],
+            pad_id=self.pad_id,
+            device=self.device,
+        )
+        return batch, stats
+
+    def learn(self, trajectories: Trajectories) -> dict[str, float]:
+        """One online DPO update on two sampled responses per prompt; returns the diagnostics (means over
+        minibatches), including the skipped ties."""
+        config = self.config
+        start_time = time.perf_counter()
+        batch, stats = self.pairs(trajectories)
+        self.ties += int(stats["ties"])
+        losses: dict[str, list[float]] = {}
+        if batch is not None:
+            self.policy.eval()  # no dropout: h is exactly 0 against an identical reference
+            n = len(batch) // 2
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
+            for _ in range(config.epochs):
+                order = torch.randperm(n, generator=generator)
+                for start in range(0, n, config.minibatch_size):
+                    rows = order[start : start + config.minibatch_size]
+                    sub = batch.select(torch.cat([rows, rows + n]))  # chosen rows, then their rejected rows
+                    loss, loss_stats = preference_loss(
+                        self.policy,
+                        self.reference,
+                        sub,
+                        beta=config.beta,
+                        loss_type=config.loss_type,
+                        average=config.average_logprobs,
+                        temperature=config.temperature,
+                    )
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        trainable_parameters(self.policy), config.max_grad_norm
+                    )
+                    self.optimizer.step()
+                    for key, value in {"loss": loss, "grad_norm": grad_norm, **loss_stats}.items():
+                        losses.setdefault(key, []).append(float(value.detach()))
+        with warnings.catch_warnings():  # an update of ties only steps the schedule, not the optimizer
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        self.update += 1
+        tokens = int(trajectories.lengths.sum())
+        self.sampled_tokens += tokens
+        stats.update({key: float(np.mean(values)) for key, values in losses.items()})
+        stats.update(
+            kl=float(np.nanmean(trajectories.kl)) if np.isfinite(trajectories.kl).any() else float("nan"),
+            response_length=float(np.mean(trajectories.lengths)),
+            sampled_tokens=float(self.sampled_tokens),
+            learning_rate=float(self.scheduler.get_last_lr()[0]),
+            update_seconds=time.perf_counter() - start_time,
+        )
+        return stats
+
+    # ------------------------------------------------------------------------------------- the loop
+    def train(
+        self,
+        env: TextGenVectorEnv,
+        total_updates: int | None = None,
+        *,
+        total_tokens: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        callback: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Run updates until ``total_updates`` are done or ``total_tokens`` response tokens have been sampled
+        (whichever comes first; continuing from :attr:`update` after a resume).
+
+        Update u draws ``prompts_per_update`` prompts (without replacement when the environment has enough)
+        from a generator seeded by ``(seed, u)``, and seeds
+        the environment's reset, sampling and minibatch order from ``(seed, u)`` too, so a resumed run
+        continues exactly as the uninterrupted one. Returns the per-update diagnostics (score, chosen and rejected scores, ties,
+        loss, implicit-reward accuracy and margin, KL to the reference, sampled tokens).
+        """
+        config = self.config
+        if total_updates is None and total_tokens is None:
+            raise ValueError("give total_updates, total_tokens or both")
+        total = int(total_updates) if total_updates is not None else None
+        if total is None and config.lr_schedule != "constant":
+            raise ValueError(
+                f"lr_schedule={config.lr_schedule!r} decays over total_updates: give total_updates, or use "
+                "lr_schedule='constant' with a token budget alone"
+            )
+        self.sampler.attach(env)
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            config.lr_schedule,
+            total_steps=total if total is not None else 1,
+            warmup_steps=config.warmup_updates,
+            completed_steps=self.update,
+        )
+        writer = tensorboard_writer(config.log_dir)
+        history = []
+        bar = tqdm(
+            total=total_tokens if total is None else total,
+            initial=self.sampled_tokens if total is None else self.update,
+            desc="online dpo",
+            unit=" tokens" if total is None else " updates",
+            disable=not config.progress,
+        )
+        while (total is None or self.update < total) and (
+            total_tokens is None or self.sampled_tokens < total_tokens
+        ):
+            rng = np.random.default_rng((config.seed, self.update))
+            n_prompts = env.num_prompts  # with fewer prompts than asked for, some are drawn twice
+            prompts = rng.choice(
+                n_prompts, size=config.prompts_per_update, replace=config.prompts_per_update > n_prompts
+            )
+            start = time.perf_counter()
+            trajectories = self.sample(env, prompts, seed=config.seed * 1_000_003 + self.update)
+            rollout_time = time.perf_counter() - start
+            stats = self.learn(trajectories)
+            stats.update(
+                update=self.update,
+                rollout_tokens_per_s=float(trajectories.lengths.sum()) / max(rollout_time, 1e-9),
+            )
+            history.append(stats)
+            if writer is not None:
+                for key, value in stats.items():
+                    writer.add_scalar(f"online_dpo/{key}", value, self.update)
+            done = (total is not None and self.update >= total) or (
+                total_tokens is not None and self.sampled_tokens >= total_tokens
+            )
+            if checkpoint_dir is not None and (self.update % checkpoint_every == 0 or done):
+                self.save_checkpoint(checkpoint_dir)
+            if callback is not None:  # after the checkpoint: a callback that stops the run loses nothing
+                callback(self.update, stats)
+            bar.update(1 if total is not None else int(trajectories.lengths.sum()))
+            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", ties=int(stats["ties"]))
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return history
+
+    # -------------------------------------------------------------------------------- checkpointing
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states and counters, atomically."""
+        return save_training_state(
+            path,
+            modules={"policy": self.policy},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={
+                "update": self.update,
+                "sampled_tokens": self.sampled_tokens,
+                "ties": self.ties,
+                "config": jsonable(dataclasses.asdict(self.config)),
+            },
+            trainable_only=bool(self.config.lora_rank),
+        )
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` into this agent (same model source)."""
+        self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
+        state = load_training_state(
+            path, modules={"policy": self.policy}, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.update = int(state["update"])
+        self.sampled_tokens = int(state["sampled_tokens"])
+        self.ties = int(state["ties"])
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
+        save_policy(self.policy, self.tokenizer, path)

@@ -1,0 +1,638 @@
+"""The critic-free policy-gradient core shared by GRPO, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++ and ReMax.
+
+These algorithms do the same four things and differ only in two pure functions, the advantage and the loss,
+which each algorithm's module defines (``agents/grpo.py``, ``agents/rloo.py``, ...):
+
+1. **Rollout** (:meth:`PGAgent.rollout`): choose ``prompts_per_update`` prompts and force each one
+   ``group_size`` times into an environment with ``AutoresetMode.DISABLED`` (:func:`agents.collect_episodes`
+   with ``prompt_indices``): episode ``i * G + j`` is response ``j`` to prompt ``i``. The collector counts
+   every episode it starts, so long responses are never dropped in favour of short ones.
+2. **Rewards** (:meth:`PGAgent.sequence_rewards`): the reward of a response is the environment's return,
+   the reward-model score minus the summed per-token KL penalty when the KL is in the reward.
+3. **Advantages** (the algorithm's ``advantages``): group mean and std (GRPO), leave-one-out (RLOO), the
+   greedy response's reward (ReMax), per-token returns normalised over the batch (REINFORCE++), ...
+4. **Loss** (the algorithm's ``policy_loss``): the clipped surrogate on the recomputed log-probabilities,
+   per token or per sequence (GSPO), aggregated over tokens and responses in the algorithm's way
+   (:func:`agents.losses.aggregate_loss`), plus ``kl_coef`` times the KL to the reference when the KL is in
+   the loss; ``epochs`` passes of minibatches, like PPO without a critic.
+
+**Where the KL goes** (``kl_in``) is the user's choice for every algorithm (TRL issues 4967 and 6503,
+OpenRLHF 1309): ``"reward"`` (the default) lets the environment pay ``-kl_coef * k(logp - ref_logp)`` per
+token, so the KL enters the rewards and hence the advantages; ``"loss"`` sets the environment's ``kl_coef``
+to 0 and adds ``kl_coef * k(logp - ref_logp)``, with ``k`` one of :data:`llm_env.KL_ESTIMATORS`, to the loss
+(GRPO's choice, k3, Shao et al. 2024). With the KL in the loss the estimator's *gradient* is what matters:
+k1's is zero in expectation (``E_pi[grad log pi] = 0``), k2's is the gradient of KL(pi || pi_ref), k3's is
+biased. The reference is the environment's (untempered), so both placements penalise the same KL.
+
+Reading order: :class:`PGConfig` (the shared knobs), :meth:`PGAgent.rollout`, :meth:`PGAgent.learn` (the
+update), :meth:`PGAgent.train` (the loop); the pure helpers :func:`group_view` and :func:`clip_loss` are what
+the algorithm modules build their advantages and losses from.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from agents.checkpoint import load_training_state, save_training_state
+from agents.losses import LOSS_AGGREGATIONS, aggregate_loss, clipped_surrogate, masked_mean
+from agents.policy import SequenceBatch, TokenSampler, add_lora, load_policy, response_forward, save_policy
+from agents.rollout import Trajectories, collect_episodes
+from agents.tracking import append_stat, jsonable, tensorboard_writer
+from llm_env import KL_ESTIMATORS, AdapterDisabled, TextGenVectorEnv, TokenActions, kl_penalty
+from llm_env.kl import check_kl_coef, check_kl_estimator
+from llm_env.models import load_causal_lm, pad_token_id
+from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
+
+__all__ = ["PGAgent", "PGConfig", "clip_loss", "group_view", "per_token"]
+
+
+# --------------------------------------------------------------------------------------- pure helpers
+def group_view(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(N,) -> (N / G, G): the responses of each prompt on one row (episode ``i * G + j`` is row i)."""
+    if values.dim() != 1 or group_size < 1 or values.shape[0] % group_size:
+        raise ValueError(
+            f"need a 1-D tensor of whole groups of {group_size} responses, got shape {tuple(values.shape)}"
+        )
+    return values.view(-1, group_size)
+
+
+def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One advantage per response (N,) repeated on each of its tokens (N, T); per-token ones are masked."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand(-1, mask.shape[1])
+    if advantages.shape != mask.shape:
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)} for tokens {tuple(mask.shape)}")
+    return advantages * mask.to(advantages.dtype)
+
+
+def clip_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str,
+    *,
+    clip_low: float,
+    clip_high: float | None = None,
+    num_sequences: int | None = None,
+    num_tokens: Any = None,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The token-level clipped surrogate (:func:`agents.losses.clipped_surrogate`) reduced by ``aggregation``
+    (:func:`agents.losses.aggregate_loss`), with the diagnostics every agent logs: clip fraction, ratio and
+    ``approx_kl = E[(r - 1) - log r]`` (http://joschu.net/blog/kl-approx.html). With one epoch and one
+    minibatch the ratio is 1 and the gradient is REINFORCE's, ``-A grad log pi`` per token."""
+    loss_t, ratio, clipped = clipped_surrogate(
+        logprobs, old_logprobs, advantages, clip_low=clip_low, clip_high=clip_high
+    )
+    loss = aggregate_loss(
+        loss_t, mask, aggregation, num_sequences=num_sequences, num_tokens=num_tokens, max_length=max_length
+    )
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean(clipped.float(), mask),
+            "approx_kl": masked_mean(ratio - 1.0 - (logprobs - old_logprobs), mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class PGConfig:
+    """The knobs every critic-free agent shares; each algorithm's config subclasses it with its defaults."""
+
+    learning_rate: float = 1e-6
+    """AdamW learning rate (TRL's GRPO and RLOO trainers: 1e-6; tiny models need ~1e-3)."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (Llama 2, as PPOConfig)."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule over the updates of :meth:`PGAgent.train` (decaying ones need total_updates)."""
+    warmup_updates: int = 0
+    """Updates of linear learning-rate warmup."""
+    prompts_per_update: int = 8
+    """Prompts per rollout; the rollout has ``prompts_per_update * group_size`` episodes."""
+    group_size: int = 8
+    """Responses sampled per prompt, G (TRL's GRPO ``num_generations``: 8)."""
+    temperature: float = 1.0
+    """Sampling temperature of the behaviour policy (also used when recomputing log-probabilities)."""
+    epochs: int = 1
+    """Passes over each rollout (GRPO's mu; TRL's ``num_iterations``: 1). More than one, or several
+    minibatches, makes the later steps off-policy, where the clip matters."""
+    minibatch_size: int | None = None
+    """Episodes per optimizer step (None: the whole rollout, one step per epoch)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per minibatch; their losses add up exactly to the minibatch loss."""
+    clip_range: float = 0.2
+    """Lower clip epsilon of the ratio (PPO's 0.2)."""
+    clip_range_high: float | None = None
+    """Upper clip epsilon (None: ``clip_range``; DAPO's clip-higher: 0.28)."""
+    kl_coef: float = 0.04
+    """beta of the KL to the reference (GRPO: 0.04)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL is paid: ``"reward"`` (the environment's per-token penalty, our default) or ``"loss"``
+    (environment ``kl_coef=0``; the agent adds ``kl_coef * k(logp - ref_logp)`` to its loss)."""
+    kl_estimator: str = field(default="k1", metadata={"choices": KL_ESTIMATORS})
+    """The KL estimator k: of the environment's penalty (``make_env`` passes it; ``train`` checks the
+    environment uses it) or of the loss term. A name in :data:`llm_env.KL_ESTIMATORS`."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank; the reference is then the base with adapters disabled (0: full)."""
+    lora_alpha: float | None = None
+    """LoRA scaling numerator (default 2 * rank)."""
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    """Modules that receive LoRA adapters."""
+    fuse_reference: bool = True
+    """With LoRA, let the environment decode policy and reference in one pass over 2B rows and act from the
+    policy half (``AdapterDisabled(policy, fuse=True)``, as PPOConfig). Ignored without LoRA."""
+    cuda_graphs: bool = False
+    """Replay decode steps as CUDA graphs (CUDA only; see :class:`llm_env.IncrementalLM`)."""
+    seed: int = 0
+    """Seed of everything random: prompt choice, sampling, minibatch order."""
+    log_dir: str | None = None
+    """Write TensorBoard logs here."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    @property
+    def episodes_per_update(self) -> int:
+        """Episodes per rollout: ``prompts_per_update * group_size``."""
+        return self.prompts_per_update * self.group_size
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.prompts_per_update >= 1, f"prompts_per_update must be >= 1, got {self.prompts_per_update}")
+        check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        n = self.episodes_per_update
+        check(
+            self.minibatch_size is None or (self.minibatch_size >= 1 and n % self.minibatch_size == 0),
+            f"minibatch_size ({self.minibatch_size}) must divide the episodes per update "
+            f"(prompts_per_update * group_size = {n}); pick e.g. {max(1, n // 4)} or None",
+        )
+        minibatch = self.minibatch_size or n
+        check(
+            self.gradient_accumulation_steps >= 1 and minibatch % self.gradient_accumulation_steps == 0,
+            f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the minibatch "
+            f"({minibatch} episodes)",
+        )
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(0 < self.clip_range < 1, f"clip_range must be in (0, 1), got {self.clip_range}")
+        check(
+            self.clip_range_high is None or self.clip_range_high > 0,
+            f"clip_range_high must be > 0 or None, got {self.clip_range_high}",
+        )
+        check_kl_coef(self.kl_coef)
+        check(self.kl_in in ("reward", "loss"), f"kl_in must be 'reward' or 'loss', got {self.kl_in!r}")
+        check_kl_estimator(self.kl_estimator)
+        check(self.lora_rank >= 0, "lora_rank must be >= 0 (0 disables LoRA)")
+        check(self.warmup_updates >= 0, "warmup_updates must be >= 0")
+        if isinstance(self.lora_target_modules, list):
+            self.lora_target_modules = tuple(self.lora_target_modules)
+
+    def require_groups(self, algorithm: str) -> None:
+        """Raise unless ``group_size >= 2`` (for advantages that compare responses to the same prompt)."""
+        if self.group_size < 2:
+            raise ValueError(
+                f"{algorithm} compares responses to the same prompt: group_size must be >= 2, "
+                f"got {self.group_size}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------- agent
+class PGAgent:
+    """A critic-free policy-gradient agent on a transformers causal LM; subclasses define the algorithm.
+
+    A subclass sets :attr:`config_class` and :attr:`algorithm`, and implements :meth:`advantages` and
+    :meth:`policy_loss`; :attr:`kl_aggregation` says how the KL-in-loss term is averaged (like its policy
+    loss). Everything else, rollout, recomputed log-probabilities, minibatch epochs, KL in the reward or
+    the loss, LoRA, checkpoints, TensorBoard, the token budget, is shared here.
+
+    Args:
+        policy: the SFT model to optimise (a causal LM object, or a path / hub name).
+        tokenizer: its tokenizer (default: loaded from ``policy`` when that is a path).
+        config: the algorithm's config (default: its defaults).
+        reference: the frozen reference; default: the policy's base with LoRA adapters disabled when
+            ``lora_rank > 0``, otherwise a frozen copy of the initial policy. A path or model may be given.
+        device: where the policy lives (default: the model's device, or CUDA when available for paths).
+    """
+
+    config_class: ClassVar[type[PGConfig]] = PGConfig
+    algorithm: ClassVar[str] = "pg"
+    kl_aggregation: ClassVar[str] = "seq-mean-token-mean"
+
+    def __init__(
+        self,
+        policy: nn.Module | str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+        config: PGConfig | None = None,
+        *,
+        reference: nn.Module | str | os.PathLike | AdapterDisabled | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+            )
+        if self.kl_aggregation not in LOSS_AGGREGATIONS:  # a subclass typo would only show in the loss
+            raise ValueError(f"kl_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.kl_aggregation}")
+        self.config = config
+        model, self.tokenizer, device = load_policy(policy, tokenizer, device)
+        if isinstance(reference, (str, os.PathLike)):
+            reference = load_causal_lm(reference, device=device).requires_grad_(False)
+        if isinstance(reference, nn.Module):
+            reference.eval()  # no dropout: the KL-in-loss term must see the reference the environment sees
+        if config.lora_rank:  # peft freezes the base weights; only the adapters train
+            model = add_lora(
+                model,
+                rank=config.lora_rank,
+                alpha=config.lora_alpha,
+                target_modules=config.lora_target_modules,
+            )
+            self._reference: Any = (
+                AdapterDisabled(model, fuse=config.fuse_reference) if reference is None else reference
+            )
+        else:
+            self._reference = (
+                reference if reference is not None else copy.deepcopy(model).eval().requires_grad_(False)
+            )
+        self.policy = model
+        self.device = device
+        self.optimizer = make_optimizer(
+            trainable_parameters(self.policy),
+            lr=config.learning_rate,
+            betas=config.adam_betas,
+            eps=config.adam_eps,
+            weight_decay=config.weight_decay,
+        )
+        self.scheduler = make_scheduler(self.optimizer, "constant", total_steps=1)
+        self.update = 0
+        self.sampled_tokens = 0
+        """Response tokens generated by the rollouts so far, every one counted (the token budget)."""
+        self.pad_id = pad_token_id(self.tokenizer)
+        self._generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.sampler = TokenSampler(
+            self.policy,
+            temperature=config.temperature,
+            generator=self._generator,
+            cuda_graph=config.cuda_graphs,
+        )
+        """The acting half: samples with the policy's KV cache or from an environment's fused logits."""
+
+    # ------------------------------------------------------------------------------------- wiring
+    @property
+    def reference(self) -> Any:
+        """What to pass as the environment's ``reference`` (and what the KL-in-loss term compares to)."""
+        return self._reference
+
+    def env_kl_coef(self) -> float:
+        """The environment's beta: ``kl_coef`` with the KL in the reward, 0 with the KL in the loss."""
+        return self.config.kl_coef if self.config.kl_in == "reward" else 0.0
+
+    def make_env(
+        self, prompts: Any, reward: Any, *, num_envs: int = 16, **env_kwargs: Any
+    ) -> TextGenVectorEnv:
+        """A :class:`~llm_env.TextGenVectorEnv` for this agent: ``AutoresetMode.DISABLED`` (prompts are forced),
+        its tokenizer, reference, device, beta (0 with the KL in the loss) and KL estimator."""
+        options = dict(
+            prompts=prompts,
+            reward=reward,
+            tokenizer=self.tokenizer,
+            reference=self.reference,
+            kl_coef=self.env_kl_coef(),
+            kl_estimator=self.config.kl_estimator,
+            device=self.device,
+            autoreset_mode=AutoresetMode.DISABLED,
+        )
+        if self.config.cuda_graphs:
+            options["cuda_graphs"] = True
+        options.update(env_kwargs)
+        env = TextGenVectorEnv(num_envs=num_envs, **options)
+        self.attach(env)
+        return env
+
+    def attach(self, env: TextGenVectorEnv) -> None:
+        """Act from ``env``'s fused policy logits when it has them (see :meth:`TokenSampler.attach`)."""
+        self.sampler.attach(env)
+
+    def check_env(self, env: TextGenVectorEnv) -> None:
+        """Raise unless ``env`` can run this agent: forced prompts, and the KL paid as configured."""
+        if env.metadata["autoreset_mode"] != AutoresetMode.DISABLED:
+            raise ValueError(
+                f"{self.algorithm} forces each prompt group_size times: build the environment with "
+                "autoreset_mode=AutoresetMode.DISABLED (agent.make_env does)"
+            )
+        if self.config.kl_in == "reward" and env.config.kl_estimator != self.config.kl_estimator:
+            raise ValueError(
+                f"the environment pays the KL with {env.config.kl_estimator!r} but the config says "
+                f"kl_estimator={self.config.kl_estimator!r}: build the environment with agent.make_env or "
+                "set the same estimator on both"
+            )
+
+    # -------------------------------------------------------------------------------------- acting
+    def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
+        """Sample the next tokens with the policy's KV cache; report their log-probabilities."""
+        return self.sampler.act(obs, restarted)
+
+    def choose_prompts(self, num_prompts: int, round_: int = 0) -> np.ndarray:
+        """The prompts of this update's rollout (round ``round_``): a pure function of (seed, update, round),
+        without replacement unless there are fewer prompts than ``prompts_per_update``."""
+        count = self.config.prompts_per_update
+        rng = np.random.default_rng((self.config.seed, self.update, round_))
+        return rng.choice(num_prompts, size=count, replace=count > num_prompts)
+
+    def sample(self, env: TextGenVectorEnv, prompts: np.ndarray) -> Trajectories:
+        """``group_size`` responses to each prompt; episode ``i * G + j`` is response ``j`` to ``prompts[i]``."""
+        queue = np.repeat(np.asarray(prompts, dtype=np.int64), self.config.group_size)
+        self.policy.eval()  # sample without dropout, as the log-probabilities are recomputed
+        return collect_episodes(
+            env, self, len(queue), seed=self.config.seed + self.update, prompt_indices=queue
+        )
+
+    def rollout(self, env: TextGenVectorEnv) -> Trajectories:
+        """The episodes of one update. ``extras["sampled_tokens"]`` counts every response token generated
+        for them (subclasses that sample more, e.g. ReMax's greedy baseline, add theirs)."""
+        trajectories = self.sample(env, self.choose_prompts(env.num_prompts))
+        trajectories.extras["sampled_tokens"] = trajectories.num_tokens
+        return trajectories
+
+    # ------------------------------------------------------------------------------------ learning
+    def sequence_rewards(self, trajectories: Trajectories) -> torch.Tensor:
+        """R_i (N,): the environment's return, the score minus the summed KL penalty when it is in the reward."""
+        return torch.as_tensor(trajectories.returns, dtype=torch.float32, device=self.device)
+
+    def advantages(self, trajectories: Trajectories) -> torch.Tensor:
+        """The algorithm's advantages: one per response (N,) or one per response token (N, T)."""
+        raise NotImplementedError(f"{type(self).__name__} must define advantages()")
+
+    def policy_loss(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        **totals: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The algorithm's loss on (N, T) tensors; ``totals`` (num_sequences, num_tokens, max_length) are
+        those of the whole minibatch. Returns the loss and diagnostics."""
+        raise NotImplementedError(f"{type(self).__name__} must define policy_loss()")
+
+    def length_normaliser(self, trajectories: Trajectories) -> int | None:
+        """``max_length`` for the losses that divide by a constant length: the environment's budget."""
+        return trajectories.extras.get("max_new_tokens")
+
+    def _reference_logprobs(self, batch: SequenceBatch) -> torch.Tensor:
+        """log pi_ref of every response token, at temperature 1 like the environment's reference."""
+        reference = self._reference
+        if isinstance(reference, AdapterDisabled):
+            with reference.model.disable_adapter():
+                return response_forward(reference.model, batch).logprobs
+        return response_forward(reference, batch).logprobs
+
+    def check_groups(self, trajectories: Trajectories) -> None:
+        """Raise unless the episodes come as whole groups of ``group_size`` responses to one prompt."""
+        size = self.config.group_size
+        index = trajectories.prompt_index
+        if len(index) % size or (size > 1 and np.any(index.reshape(-1, size) != index[::size, None])):
+            raise ValueError(
+                f"{self.algorithm} needs episodes in groups of group_size={size} responses to the same prompt "
+                f"(episode i * G + j answers prompt i), got {len(index)} episodes for prompts "
+                f"{index[: 2 * size].tolist()}...; collect them with agent.rollout(env)"
+            )
+
+    def learn(self, trajectories: Trajectories) -> dict[str, float]:
+        """One update on a rollout (from :meth:`rollout`); returns the diagnostics (means over steps)."""
+        config = self.config
+        start_time = time.perf_counter()
+        self.check_groups(trajectories)
+        batch = SequenceBatch.build(
+            trajectories.prompt_ids, trajectories.response_list(), pad_id=self.pad_id, device=self.device
+        )
+        mask = batch.response_mask  # (N, T)
+        n = len(batch)
+        minibatch = min(config.minibatch_size or n, n)
+        micro = max(1, minibatch // config.gradient_accumulation_steps)
+        kl_in_loss = config.kl_in == "loss" and config.kl_coef > 0
+
+        # The behaviour log-probabilities recomputed in one teacher-forced pass (ratio exactly 1 at first).
+        self.policy.eval()  # no dropout, as PPO
+        old_logprobs = torch.zeros(mask.shape, device=self.device)
+        entropy = torch.zeros(mask.shape, device=self.device)
+        ref_logprobs = torch.zeros(mask.shape, device=self.device) if kl_in_loss else None
+        with torch.no_grad():
+            for start in range(0, n, minibatch):
+                index = torch.arange(start, min(n, start + minibatch), device=self.device)
+                sub = batch.select(index)
+                steps = sub.response_mask.shape[1]
+                scores = response_forward(self.policy, sub, temperature=config.temperature, entropy=True)
+                old_logprobs[index, :steps] = scores.logprobs
+                entropy[index, :steps] = scores.entropy
+                if ref_logprobs is not None:
+                    ref_logprobs[index, :steps] = self._reference_logprobs(sub)
+        advantages = per_token(self.advantages(trajectories).to(self.device, torch.float32), mask)
+        max_length = self.length_normaliser(trajectories)
+
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
+        stats: dict[str, list[float]] = {}
+        for _ in range(config.epochs):
+            order = torch.randperm(n, generator=generator).to(self.device)
+            for start in range(0, n, minibatch):
+                chunk = order[start : start + minibatch]
+                totals = {
+                    "num_sequences": len(chunk),
+                    "num_tokens": mask[chunk].sum(),
+                    "max_length": max_length,
+                }
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss = step_kl = 0.0
+                for micro_start in range(0, len(chunk), micro):
+                    index = chunk[micro_start : micro_start + micro]
+                    sub = batch.select(index)
+                    steps, sub_mask = sub.response_mask.shape[1], sub.response_mask
+                    new = response_forward(self.policy, sub, temperature=config.temperature)
+                    loss, loss_stats = self.policy_loss(
+                        new.logprobs,
+                        old_logprobs[index, :steps],
+                        advantages[index, :steps],
+                        sub_mask,
+                        **totals,
+                    )
+                    step_loss += float(loss.detach())
+                    if ref_logprobs is not None:
+                        kl_t = kl_penalty(new.logprobs, ref_logprobs[index, :steps], config.kl_estimator)
+                        kl_loss = aggregate_loss(kl_t, sub_mask, self.kl_aggregation, **totals)
+                        loss = loss + config.kl_coef * kl_loss
+                        step_kl += float(kl_loss.detach())
+                    loss.backward()
+                    for key, value in loss_stats.items():
+                        append_stat(stats, key, value)
+                append_stat(stats, "policy_loss", step_loss)
+                if ref_logprobs is not None:
+                    append_stat(stats, "kl_loss", step_kl)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable_parameters(self.policy), config.max_grad_norm
+                )
+                append_stat(stats, "grad_norm", grad_norm)
+                self.optimizer.step()
+        self.scheduler.step()
+        self.update += 1
+        rewards = self.sequence_rewards(trajectories)
+        out = {key: float(np.mean(values)) for key, values in stats.items()}
+        out.update(
+            score=float(np.mean(trajectories.scores)),
+            kl=float(np.nanmean(trajectories.kl)) if np.isfinite(trajectories.kl).any() else float("nan"),
+            reward=float(rewards.mean()),
+            response_length=float(np.mean(trajectories.lengths)),
+            entropy=float(masked_mean(entropy, mask)),
+            advantage_mean=float(masked_mean(advantages, mask)),
+            advantage_std=float(torch.sqrt(masked_mean(advantages**2, mask))),
+            update_tokens_per_s=int(mask.sum()) * config.epochs / max(time.perf_counter() - start_time, 1e-9),
+            learning_rate=float(self.scheduler.get_last_lr()[0]),
+        )
+        return out
+
+    # ------------------------------------------------------------------------------------- the loop
+    def train(
+        self,
+        env: TextGenVectorEnv,
+        total_updates: int | None = None,
+        *,
+        total_tokens: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        callback: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Update until ``total_updates`` updates are done, or, with ``total_tokens``, until the rollouts have
+        sampled that many response tokens (the update that reaches the budget is the last), whichever comes
+        first; continues from ``self.update`` after a resume.
+
+        Each update seeds its prompt choice, sampling and minibatch order from ``(seed, update)``, so a run
+        resumed from a checkpoint continues exactly as the uninterrupted run. Returns the per-update
+        diagnostics (score, kl, reward, advantage statistics, policy and KL losses, clipfrac, approx_kl,
+        entropy, grad_norm, sampled_tokens, throughput).
+        """
+        config = self.config
+        if total_updates is None and total_tokens is None:
+            raise ValueError("pass total_updates, total_tokens (a budget of sampled response tokens) or both")
+        if total_updates is None and config.lr_schedule != "constant":
+            raise ValueError(
+                f"lr_schedule={config.lr_schedule!r} decays over total_updates: pass total_updates (a token "
+                "budget alone does not say how many updates there will be)"
+            )
+        self.check_env(env)
+        self.attach(env)
+        env.kl_coef = self.env_kl_coef()
+        self.scheduler = make_scheduler(
+            self.optimizer,
+            config.lr_schedule,
+            total_steps=total_updates or 1,
+            warmup_steps=config.warmup_updates,
+            completed_steps=self.update,
+        )
+        writer = tensorboard_writer(config.log_dir)
+        history = []
+        by_tokens = total_updates is None
+        bar = tqdm(
+            total=total_tokens if by_tokens else total_updates,
+            initial=self.sampled_tokens if by_tokens else self.update,
+            desc=self.algorithm,
+            unit="tok" if by_tokens else "it",
+            disable=not config.progress,
+        )
+        while (total_updates is None or self.update < total_updates) and (
+            total_tokens is None or self.sampled_tokens < total_tokens
+        ):
+            self._generator.manual_seed(config.seed * 1_000_003 + self.update)
+            self.policy.eval()
+            start = time.perf_counter()
+            trajectories = self.rollout(env)
+            rollout_time = time.perf_counter() - start
+            tokens = int(trajectories.extras.get("sampled_tokens", trajectories.num_tokens))
+            self.sampled_tokens += tokens
+            stats = self.learn(trajectories)
+            stats.update(
+                kl_coef=config.kl_coef,
+                rollout_tokens_per_s=tokens / max(rollout_time, 1e-9),
+                update=self.update,
+                sampled_tokens=self.sampled_tokens,
+            )
+            history.append(stats)
+            if writer is not None:
+                for key, value in stats.items():
+                    writer.add_scalar(f"{self.algorithm}/{key}", value, self.update)
+            done = (total_updates is not None and self.update >= total_updates) or (
+                total_tokens is not None and self.sampled_tokens >= total_tokens
+            )
+            if checkpoint_dir is not None and (self.update % checkpoint_every == 0 or done):
+                self.save_checkpoint(checkpoint_dir)
+            if callback is not None:  # after the checkpoint: a callback that stops the run loses nothing
+                callback(self.update, stats)
+            bar.update(tokens if by_tokens else 1)
+            bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return history
+
+    # -------------------------------------------------------------------------------- checkpointing
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Save policy (LoRA adapters only with LoRA), optimizer, scheduler, RNG states, the update and
+        sampled-token counters and the config, atomically."""
+        return save_training_state(
+            path,
+            modules={"policy": self.policy},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={
+                "algorithm": self.algorithm,
+                "update": self.update,
+                "sampled_tokens": self.sampled_tokens,
+                "config": jsonable(dataclasses.asdict(self.config)),
+            },
+            trainable_only=bool(self.config.lora_rank),
+        )
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` of the same algorithm (same model source)."""
+        written = Path(path) / "state.json"
+        algorithm = json.loads(written.read_text()).get("algorithm") if written.is_file() else self.algorithm
+        if algorithm != self.algorithm:  # checked before anything is loaded: the agent stays usable
+            raise ValueError(
+                f"{path} is a {algorithm!r} checkpoint, not {self.algorithm!r}: resume it with the agent "
+                "that wrote it"
+            )
+        self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
+        state = load_training_state(
+            path, modules={"policy": self.policy}, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        self.update = int(state["update"])
+        self.sampled_tokens = int(state["sampled_tokens"])
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
+        save_policy(self.policy, self.tokenizer, path)

@@ -1,0 +1,88 @@
+"""llm_env.distributed in one process (every helper is then the local formula, bit for bit) and in a real
+one-rank gloo group started from torchrun's environment variables (the path of ``torchrun
+--nproc-per-node 1``). The 2-rank behaviour is tested in tests/agents, tests/rewards and tests/rlhf_bench."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from agents.losses import masked_mean, masked_var, masked_whiten
+from llm_env import distributed as D
+
+
+def test_without_a_launcher_everything_is_local():
+    assert not D.launched() and not D.init_distributed()  # a plain process: no group is started
+    assert (D.world_size(), D.rank(), D.is_main_process(), D.rank_seed(7)) == (1, 0, True, 7)
+    prompts = ["a", "b", "c"]
+    assert D.shard_prompts(prompts, num_envs=8) is prompts  # one process keeps its prompt source as it is
+    model = nn.Linear(3, 2)
+    assert D.data_parallel(model) is model and D.unwrap_parallel(model) is model and not D.is_sharded(model)
+    with D.gradient_sync(model, enabled=False), D.full_parameters(model):
+        model(torch.ones(1, 3)).sum().backward()
+    assert model.weight.grad is not None
+    assert D.all_reduce_means({"a": 1.5}) == {"a": 1.5} and D.all_gather_objects({"x": 1}) == [{"x": 1}]
+    assert D.full_state_dict(model, trainable_only=True).keys() == {"weight", "bias"}
+
+
+def test_global_statistics_are_the_local_formulas_bit_for_bit_in_one_process():
+    x = torch.randn(4, 7)
+    mask = torch.rand(4, 7) > 0.3
+    assert torch.equal(D.global_masked_mean(x, mask), masked_mean(x, mask))
+    assert torch.equal(D.global_masked_var(x, mask), masked_var(x, mask))
+    assert torch.equal(D.global_masked_whiten(x, mask), masked_whiten(x, mask))
+    assert torch.equal(
+        D.global_masked_whiten(x, mask, shift_mean=False), masked_whiten(x, mask, shift_mean=False)
+    )
+
+
+def test_divisibility_errors_name_the_numbers():
+    assert D.check_divisible("episodes_per_update", 8, 4) == 2
+    with pytest.raises(ValueError, match="episodes_per_update=6 is not divisible by the world size 4"):
+        D.check_divisible("episodes_per_update", 6, 4)
+    from agents.ppo import PPOConfig
+
+    PPOConfig(episodes_per_update=16, minibatch_size=8, gradient_accumulation_steps=2).check_world_size(4)
+    with pytest.raises(ValueError, match="minibatch_size=6 is not divisible by the world size 4"):
+        PPOConfig(episodes_per_update=12, minibatch_size=6).check_world_size(4)
+    with pytest.raises(
+        ValueError, match=r"gradient_accumulation_steps \(4\) must divide the per-rank minibatch"
+    ):
+        PPOConfig(episodes_per_update=8, minibatch_size=8, gradient_accumulation_steps=4).check_world_size(4)
+
+
+@pytest.fixture
+def one_rank_group(monkeypatch):
+    """The environment torchrun gives a single worker; the group is destroyed afterwards."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_launcher_environment_starts_a_gloo_group_and_ddp_wraps(one_rank_group):
+    assert D.launched() and D.init_distributed(timeout_s=30) and D.init_distributed()  # idempotent
+    assert D.is_distributed() and D.world_size() == 1 and dist.get_backend() == "gloo"
+    model = nn.Linear(3, 2)
+    wrapped = D.data_parallel(model)
+    assert isinstance(wrapped, DistributedDataParallel) and D.unwrap_parallel(wrapped) is model
+    with D.gradient_sync(wrapped, enabled=False):  # no_sync: the gradient stays local
+        wrapped(torch.ones(2, 3)).sum().backward()
+    with D.gradient_sync(wrapped, enabled=True):
+        wrapped(torch.ones(2, 3)).sum().backward()
+    torch.testing.assert_close(model.bias.grad, torch.full((2,), 4.0))  # 2 rows x 2 backward passes
+    assert D.all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+    with pytest.raises(ValueError, match="strategy must be 'ddp' or 'fsdp'"):
+        D.data_parallel(nn.Linear(1, 1), strategy="zero3")
+    D.shutdown_distributed()
+    assert not D.is_distributed()

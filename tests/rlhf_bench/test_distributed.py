@@ -1,0 +1,94 @@
+"""The command line on N processes: ``torchrun --nproc-per-node 2 -m rlhf_bench ppo ...`` (gloo, CPU) and
+``llm-env benchmark --nproc 2``. Launches have a timeout that fails the test instead of hanging."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llm_env.tiny import tiny_gpt2, word_tokenizer
+from rlhf_bench.leaderboard import BenchmarkSettings, run_benchmark
+
+pytestmark = pytest.mark.slow
+
+CORPUS = ["the film was good and the actors were great", "a great movie with a good story and fine music"]
+PROMPTS = ["the film was", "a great movie", "the actors were", "a good story", "the music was", "a film"]
+
+
+@pytest.fixture
+def models(tmp_path):
+    tokenizer = word_tokenizer(CORPUS)
+    for name, kwargs in (("policy", {"seed": 2}), ("rm", {"seed": 4, "classifier": True})):
+        tiny_gpt2(tokenizer, **kwargs).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return tmp_path
+
+
+def test_ppo_command_under_torchrun_trains_writes_once_and_resumes(models, torchrun):
+    options = [
+        "ppo", "--policy", models / "policy", "--prompts", models / "prompts.jsonl", "--reward", models / "rm",
+        "--out", models / "out", "--episodes-per-update", 4, "--minibatch-size", 2,
+        "--max-new-tokens", 4, "--learning-rate", 1e-3, "--device", "cpu", "--no-progress",
+    ]  # fmt: skip
+    code, output = torchrun("-m rlhf_bench", *options, "--num-envs", 2, "--updates", 2)
+    assert code == 0, output[-6000:]
+    assert output.count("ppo: 2 updates") == 1  # rank 0 reports, once
+    history = json.loads((models / "out" / "history.json").read_text())
+    assert [h["update"] for h in history] == [1, 2]
+    assert (models / "out" / "policy" / "config.json").is_file()
+    checkpoint = torch.load(models / "out" / "checkpoint" / "training.pt", weights_only=True)
+    assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2
+
+    code, output = torchrun("-m rlhf_bench", *options, "--num-envs", 2, "--updates", 3, "--resume")
+    assert code == 0, output[-6000:]
+    assert [h["update"] for h in json.loads((models / "out" / "history.json").read_text())] == [3]
+
+    # 6 prompts for 2 ranks x 4 envs: refused before any training, naming the numbers.
+    code, output = torchrun("-m rlhf_bench", *options, "--num-envs", 4, "--updates", 1)
+    assert code != 0 and "6 prompts cannot give 2 ranks x 4 envs a disjoint shard each" in output
+
+
+def test_benchmark_trains_ppo_and_rejection_sampling_on_two_processes(tmp_path):
+    settings = BenchmarkSettings.tiny(sweep_kl_coefs=())
+    result = run_benchmark(
+        settings,
+        agents=["ppo", "rejection-sampling"],
+        device="cpu",
+        out_dir=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+        progress=False,
+        log=lambda _: None,
+        nproc=2,
+    )
+    rows = {row.agent: row for row in result.rows}
+    assert {"sft", "ppo", "rejection-sampling"} <= set(rows)
+    for name in ("ppo", "rejection-sampling"):
+        assert 0.0 <= rows[name].win_rate <= 1.0 and rows[name].kl > 0  # trained, evaluated here
+    ppo = result.records["ppo"]  # the workers' records came back
+    assert (
+        ppo["sampled_tokens"]
+        >= settings.token_budget
+        > ppo["sampled_tokens"] - ppo["history"][-1]["response_length"] * settings.ppo_episodes
+    )  # stopped at the update that reached the budget, counting both ranks' tokens
+    assert [p["update"] for p in ppo["curve"]] == list(range(len(ppo["history"]) + 1))
+    assert len(result.records["rejection-sampling"]["history"]) == settings.rs_rounds
+
+
+def test_bench_throughput_under_torchrun_counts_every_rank(tmp_path, torchrun):
+    """2 processes x 1 thread: each rank generates its batch, the report counts both ranks' tokens and the
+    PPO update is data-parallel (no timing asserts: the machine is shared)."""
+    options = [
+        "bench-throughput", "--shape", "tiny", "--batch-size", 2, "--prompt-length", 4, "--new-tokens", 3,
+        "--repeats", 1, "--warmup", 0, "--threads", 1, "--variants", "env", "env-fused", "ppo-update",
+        "--json", tmp_path / "report.json",
+    ]  # fmt: skip
+    code, output = torchrun("-m rlhf_bench", *options)
+    assert code == 0, output[-6000:]
+    assert output.count("| variant | tokens/s |") == 1  # rank 0 reports
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["environment"]["processes"] == 2 and report["environment"]["torch_threads"] == 1
+    assert report["variants"]["env"]["tokens"] == 2 * 2 * 3  # ranks x batch x new tokens
+    assert report["ppo_update"]["full"]["tokens"] == 2 * 2 * 3
