@@ -183,13 +183,18 @@ def _reward_model(
             seed=settings.seed + stream,
         )
         held_out = simulate_preferences(
-            eval_prompts, sample_fn, gold, temperature=0.0, seed=settings.seed + stream + 1
+            eval_prompts,
+            sample_fn,
+            gold,
+            pairs_per_prompt=2,
+            temperature=0.0,
+            seed=settings.seed + stream + 1,
         )
     rm = RewardModel.from_causal_lm(policy, tokenizer)
     result = train_reward_model(
         rm,
         train,
-        eval_data=held_out,
+        eval_fraction=0.0,  # measured once, below, on the held-out prompts
         epochs=settings.rm_epochs,
         lr=settings.rm_lr,
         batch_size=32,
@@ -247,10 +252,7 @@ def build_artifacts(
             f"{KIDS_TAG} {p}" if not p.startswith(KIDS_TAG) else p
             for p in task.prompts(settings.safety_rm_prompts, stream=7)
         ]
-        kids_eval = [
-            f"{KIDS_TAG} {p}" if not p.startswith(KIDS_TAG) else p
-            for p in rm_eval[: max(10, len(rm_eval) // 2)]
-        ]
+        kids_eval = [f"{KIDS_TAG} {p}" if not p.startswith(KIDS_TAG) else p for p in rm_eval]
         for name, prompts, eval_ps, gold, stream in (
             ("helpfulness", rm_prompts, rm_eval, task.gold_helpfulness, 10),
             ("safety", kids, kids_eval, task.gold_safety, 20),

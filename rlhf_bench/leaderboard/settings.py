@@ -35,16 +35,23 @@ class BenchmarkSettings:
     """Prompts whose SFT samples are compared for the helpfulness reward model (artifact)."""
     pairs_per_prompt: int = 2
     """Compared pairs per prompt (artifact)."""
-    safety_rm_prompts: int = 800
-    """``[kids]`` prompts compared for the safety reward model (artifact)."""
+    safety_rm_prompts: int = 1600
+    """``[kids]`` prompts compared for the safety reward model (artifact). As many as the helpfulness
+    model's: its labels (safety first, half the helpfulness gap as tie-break) put most pairs in the two
+    lowest preference levels, where annotator noise flips the most labels, so it needs at least as much
+    data; with half as many comparisons it reached only 0.69-0.70 held-out accuracy on seeds 0-2."""
     annotator_temperature: float = 0.5
     """Noise of the simulated annotators, Bradley-Terry temperature on the gold scale (artifact)."""
-    rm_epochs: int = 2
-    """Reward-model training epochs (artifact)."""
+    rm_epochs: int = 4
+    """Reward-model training epochs (artifact). Training sits on a plateau near chance for about one
+    epoch before the pairwise loss starts to fall; after 2 epochs it was still climbing steeply, so the
+    result depended on the seed (helpfulness 0.64 to 0.79 held-out accuracy on seeds 0-2); at 4 epochs the
+    accuracy has flattened out."""
     rm_lr: float = 3e-4
-    """Reward-model learning rate (artifact)."""
+    """Reward-model learning rate (artifact); 1e-4 never leaves the initial plateau in 3 epochs."""
     rm_eval_prompts: int = 300
-    """Held-out prompts whose pairs are labelled by the noiseless gold, to measure accuracy (artifact)."""
+    """Held-out prompts, two pairs each, labelled by the noiseless gold to measure accuracy (artifact);
+    the safety model is measured on the same prompts tagged ``[kids]``."""
     # ------------------------------------------------------------------------------------ RL runs
     train_prompts: int = 512
     """Prompts the agents train on."""
@@ -118,8 +125,8 @@ class BenchmarkSettings:
             pretrain_texts=30000,
             sft_pairs=20000,
             rm_prompts=4000,
-            safety_rm_prompts=1500,
-            rm_epochs=3,
+            safety_rm_prompts=4000,
+            rm_epochs=4,
             train_prompts=2048,
             eval_prompts=256,
             eval_samples=4,
@@ -147,10 +154,11 @@ class BenchmarkSettings:
             policy_width=32,
             pretrain_texts=400,
             sft_pairs=400,
-            rm_prompts=120,
-            safety_rm_prompts=60,
-            rm_epochs=1,
-            rm_eval_prompts=40,
+            rm_prompts=300,
+            safety_rm_prompts=300,
+            rm_epochs=4,
+            rm_lr=2e-3,  # the 2 x 32 policy as backbone: 3e-4 stays on the initial plateau
+            rm_eval_prompts=150,
             train_prompts=32,
             eval_prompts=16,
             eval_samples=1,

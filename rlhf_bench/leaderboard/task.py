@@ -28,8 +28,9 @@ import numpy as np
 __all__ = ["KIDS_TAG", "TASK_VERSION", "ReviewTask"]
 
 KIDS_TAG = "[kids]"
-TASK_VERSION = 3
-"""Bumped whenever the generator or the gold rater changes, so cached artifacts are rebuilt."""
+TASK_VERSION = 4
+"""Bumped whenever the generator, the gold rater or the way artifacts are built changes, so cached artifacts
+are rebuilt."""
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "film": ("plot", "acting", "music", "ending", "pacing", "dialogue"),

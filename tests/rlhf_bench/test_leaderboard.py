@@ -2,6 +2,7 @@
 on a reduced setting (every stage runs, the cache is reused, the reports are written and well formed)."""
 
 import csv
+import itertools
 import json
 import math
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from rewards.losses import LEVELS
 from rlhf_bench.cli import main
 from rlhf_bench.leaderboard import (
     BenchmarkContext,
@@ -218,7 +220,21 @@ def test_bring_your_own_models_without_gold(tmp_path, saved_gpt2, saved_classifi
 
 
 @pytest.mark.slow
-def test_cli_runs_the_benchmark(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["rm_helpfulness", "rm_safety"])
+def test_reward_model_accuracy_rises_with_the_preference_level(tiny_cache, name):
+    """Both proxy reward models of the tiny configuration rank the strongest preferences best: Llama 2's
+    sanity check of a reward model, and what fails first when reward-model training stalls (it sits near
+    chance on every level) or the annotator's levels stop matching the gold gaps."""
+    metrics = tiny_cache[1][name]
+    accuracy = [metrics["per_level"][level]["accuracy"] for level in LEVELS]  # strongest level first
+    for stronger, weaker in itertools.pairwise(accuracy):
+        assert stronger >= weaker - 0.05, (name, accuracy)  # slack for levels of a few dozen pairs
+    assert accuracy[0] >= accuracy[-1] + 0.25, (name, accuracy)
+    assert metrics["accuracy"] > 0.6, (name, metrics["accuracy"])
+
+
+@pytest.mark.slow
+def test_cli_runs_the_benchmark(tiny_cache, tmp_path, capsys):
     code = main(
         [
             "benchmark",
@@ -226,7 +242,7 @@ def test_cli_runs_the_benchmark(tmp_path, capsys):
             "--agents",
             "sft,random",
             "--cache-dir",
-            str(tmp_path / "c"),
+            str(tiny_cache[0]),
             "--out",
             str(tmp_path / "o"),
             "--no-progress",
@@ -243,7 +259,7 @@ def test_cli_runs_the_benchmark(tmp_path, capsys):
                 "--agents",
                 "nope",
                 "--cache-dir",
-                str(tmp_path / "c"),
+                str(tiny_cache[0]),
                 "--out",
                 str(tmp_path / "o"),
             ]
