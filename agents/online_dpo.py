@@ -163,6 +163,8 @@ class OnlineDPOAgent:
         """Response tokens sampled so far (what a token budget counts)."""
         self.ties = 0
         """Pairs skipped so far because the reward model scored both responses the same."""
+        self.optimizer_steps = 0
+        """Optimizer (gradient) steps taken so far (an update of ties only takes none)."""
         self.pad_id = pad_token_id(self.tokenizer)
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
@@ -278,6 +280,7 @@ class OnlineDPOAgent:
                         trainable_parameters(self.policy), config.max_grad_norm
                     )
                     self.optimizer.step()
+                    self.optimizer_steps += 1
                     for key, value in {"loss": loss, "grad_norm": grad_norm, **loss_stats}.items():
                         losses.setdefault(key, []).append(float(value.detach()))
         with warnings.catch_warnings():  # an update of ties only steps the schedule, not the optimizer
@@ -291,6 +294,7 @@ class OnlineDPOAgent:
             kl=float(np.nanmean(trajectories.kl)) if np.isfinite(trajectories.kl).any() else float("nan"),
             response_length=float(np.mean(trajectories.lengths)),
             sampled_tokens=float(self.sampled_tokens),
+            optimizer_steps=float(self.optimizer_steps),
             learning_rate=float(self.scheduler.get_last_lr()[0]),
             update_seconds=time.perf_counter() - start_time,
         )
@@ -388,6 +392,7 @@ class OnlineDPOAgent:
                 "update": self.update,
                 "sampled_tokens": self.sampled_tokens,
                 "ties": self.ties,
+                "optimizer_steps": self.optimizer_steps,
                 "config": jsonable(dataclasses.asdict(self.config)),
             },
             trainable_only=bool(self.config.lora_rank),
@@ -402,6 +407,7 @@ class OnlineDPOAgent:
         self.update = int(state["update"])
         self.sampled_tokens = int(state["sampled_tokens"])
         self.ties = int(state["ties"])
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
