@@ -124,7 +124,8 @@ def write_report(result: Any, out_dir: Path, *, log: Callable[[str], None] = pri
             writer.writerow({k: row.get(k) for k in CSV_FIELDS})
     fits = _fits(result)
     data = payload(result, rows, fits)
-    (out_dir / "leaderboard.json").write_text(json.dumps(data, indent=2, default=_json_default))
+    text = json.dumps(_strict(data), indent=2, default=_json_default, allow_nan=False)
+    (out_dir / "leaderboard.json").write_text(text)
     (out_dir / "leaderboard.md").write_text(_markdown(result, rows, fits))
     (out_dir / "samples.md").write_text(_samples_markdown(result.samples))
     plots = _plots(result, out_dir, fits)
@@ -133,6 +134,22 @@ def write_report(result: Any, out_dir: Path, *, log: Callable[[str], None] = pri
         f"wrote {out_dir}/leaderboard.md, .csv, .json, samples.md, report.html and {len(plots)} plots "
         f"({', '.join(plots)})"
     )
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (and numpy scalar or array) made JSON-safe: null for a
+    number that is not one, so that any JSON parser reads the file."""
+    if isinstance(value, dict):
+        return {key: _strict(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _strict(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value: Any) -> Any:

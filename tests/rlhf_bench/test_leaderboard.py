@@ -31,6 +31,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 
+def not_json(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def git_head() -> str:
     return subprocess.run(
         ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
@@ -187,7 +191,7 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert "always-random" in names
     assert any(line.startswith("cached the SFT policy") for line in logs)
     out = tmp_path / "out"
-    payload = json.loads((out / "leaderboard.json").read_text())
+    payload = json.loads((out / "leaderboard.json").read_text(), parse_constant=not_json)  # strict JSON
     rows = {row["agent"]: row for row in payload["leaderboard"]}
     for row in rows.values():
         assert 0.0 <= row["win_rate"] <= 1.0 and row["wall_time_s"] >= 0 and row["tokens_per_s"] > 0
