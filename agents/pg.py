@@ -568,7 +568,12 @@ class PGAgent:
         ).tolist()
         stats: dict[str, list[float]] = {}
         for chunk, (sequences, tokens) in zip(chunks, totals):
-            step_totals = {"num_sequences": sequences, "num_tokens": tokens, "max_length": max_length}
+            # (A minibatch of padding rows alone has no sequence: its loss is 0, not 0 / 0.)
+            step_totals = {
+                "num_sequences": max(sequences, 1.0),
+                "num_tokens": tokens,
+                "max_length": max_length,
+            }
             self.optimizer.zero_grad(set_to_none=True)
             step_loss = step_kl = 0.0
             micro_starts = range(0, len(chunk), micro)
