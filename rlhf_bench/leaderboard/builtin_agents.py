@@ -109,6 +109,11 @@ def _ppo_config(ctx: BenchmarkContext, kl_coef: float, name: str) -> PPOConfig:
     )
 
 
+def _train_shard(ctx: BenchmarkContext) -> Any:
+    """The training prompts, or on N processes (``llm-env benchmark --nproc``) this rank's share of them."""
+    return shard_prompts(ctx.artifacts.train_prompts, num_envs=ctx.settings.num_envs, seed=ctx.settings.seed)
+
+
 def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, policy: Any = None) -> PPOAgent:
     """Train PPO at ``kl_coef`` until it has sampled ``token_budget`` response tokens, evaluating on held-out
     prompts every ``curve_every`` updates (and at the end) so that gold, proxy and KL can be plotted along
@@ -200,6 +205,7 @@ def pg_run(
         kl_coef=agent.env_kl_coef(),
         kl_estimator=agent.config.kl_estimator,
         autoreset_mode=AutoresetMode.DISABLED,
+        prompts=_train_shard(ctx),
     )
     history = agent.train(env, total_tokens=s.token_budget)
     ctx.record(
@@ -419,7 +425,9 @@ def online_dpo_agent(ctx: BenchmarkContext) -> OnlineDPOAgent:
         progress=ctx.progress,
     )
     agent = OnlineDPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
-    env = ctx.make_env(kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED)
+    env = ctx.make_env(
+        kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED, prompts=_train_shard(ctx)
+    )
     history = agent.train(env, total_tokens=s.token_budget)
     ctx.record(
         "online-dpo",
