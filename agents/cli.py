@@ -6,8 +6,9 @@ of the library: :class:`RunOptions` (models, data, output), the environment's op
 :class:`llm_env.EnvConfig` (``--max-new-tokens``, ``--kl-estimator``, ...) and the agent's config
 (``--learning-rate``, ``--episodes-per-update``, ``--k``, ``--group-size``, ``--kl-in``, ...).
 
-They run on N processes under ``torchrun --nproc-per-node N -m rlhf_bench ppo ...``: every rank trains
-on its share of the prompts and rank 0 writes the policy, ``history.json`` and the checkpoint.
+They all run on N processes under ``torchrun --nproc-per-node N -m rlhf_bench <command> ...``: every rank
+trains on its share of the prompts (of the preference pairs for ``dpo``) and rank 0 prints and writes the
+policy, ``history.json`` and the checkpoint.
 """
 
 from __future__ import annotations
@@ -192,8 +193,10 @@ def _pg(args: argparse.Namespace) -> int:
     env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
     updates = args.updates if args.updates is not None or args.total_tokens is not None else 100
     history = agent.train(env, updates, total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")
+    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
     _write_history(out, history)
+    if not is_main_process():
+        return 0
     last = history[-1] if history else {}
     print(
         f"{agent.algorithm}: {agent.update} updates, {agent.sampled_tokens} sampled tokens, final score "
@@ -213,7 +216,7 @@ def _dpo(args: argparse.Namespace) -> int:
         agent.load_checkpoint(checkpoint)
     pairs = agent.tokenize(load_preference_pairs(*run.data))
     history = agent.train(pairs, checkpoint_dir=checkpoint, checkpoint_every=run.checkpoint_every)
-    agent.save_pretrained(out / "policy")
+    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
     _write_history(out, history)
     if not is_main_process():
         return 0
@@ -238,7 +241,7 @@ def _online_dpo(args: argparse.Namespace) -> int:
     env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
     updates = args.updates if args.updates is not None or args.total_tokens is not None else 100
     history = agent.train(env, updates, total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")
+    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
     _write_history(out, history)
     if not is_main_process():
         return 0

@@ -14,6 +14,12 @@ GRPO's group-normalised advantage with four changes (section 3 of the paper):
   ``(L_max - L_cache - |y|) / L_cache``; here ``L_max`` is the environment's ``max_new_tokens`` (the env
   truncates there) and ``L_cache`` is ``overlong_buffer`` (DAPO: 4096 of 20480, a fifth).
 
+On N processes each rank fills its share, ``prompts_per_update / N`` informative groups, from its own shard;
+after every round the ranks add up what they still miss (one collective per round, on every rank, so they stay
+in lockstep) and sample again until none misses any. A rank that has its share waits for the others. If the
+rounds run out, each rank learns from what it found; a rank that found nothing while others did joins the
+update with rows that carry no loss (``extras["padding"]``), so the update is the one on every kept group.
+
 DAPO trains without a KL term; here the KL is the environment's per-token penalty by default
 (``kl_coef=0`` reproduces the paper). TRL's ``GRPOTrainer`` uses DAPO's token-level loss by default.
 
@@ -33,6 +39,7 @@ from agents.grpo import grpo_advantages
 from agents.pg import PGAgent, PGConfig, clip_loss
 from agents.rollout import Trajectories
 from llm_env import TextGenVectorEnv
+from llm_env.distributed import all_reduce_sum, all_reduce_sums
 
 __all__ = [
     "DAPOAgent",
@@ -137,30 +144,41 @@ class DAPOAgent(PGAgent):
     def rollout(self, env: TextGenVectorEnv) -> Trajectories:
         """Dynamic sampling: rollouts of ``prompts_per_update`` groups until that many informative groups
         are kept (or ``max_sampling_rounds`` rollouts). ``extras`` records the groups sampled and kept and
-        ``sampled_score``, the mean score of every response sampled (the kept ones score higher or lower)."""
+        ``sampled_score``, the mean score of every response sampled (the kept ones score higher or lower).
+        On N processes: this rank's share, ``prompts_per_update / N`` groups (see the module docstring)."""
         config = self.config
-        size, wanted = config.group_size, config.prompts_per_update
+        size, wanted = config.group_size, config.prompts_per_update // self.world_size
         kept: list[Trajectories] = []
         found = sampled = tokens = rounds = 0
         scores: list[np.ndarray] = []
         last = None
-        while found < wanted and rounds < config.max_sampling_rounds:
-            last = self.sample(env, self.choose_prompts(env.num_prompts, rounds))
+        missing = wanted
+        while missing > 0 and rounds < config.max_sampling_rounds:
+            if found < wanted:  # a rank that has its share waits for the others
+                last = self.sample(env, self.choose_prompts(env.num_prompts, rounds))
+                tokens += last.num_tokens
+                scores.append(last.scores)
+                sampled += len(last) // size
+                groups = informative_groups(last.scores, size) if config.dynamic_sampling else None
+                if groups is None or groups.all():
+                    keep = np.arange(len(last) // size)
+                else:
+                    keep = np.flatnonzero(groups)
+                keep = keep[: wanted - found]
+                if keep.size:
+                    episodes = (keep[:, None] * size + np.arange(size)).reshape(-1)
+                    kept.append(last if len(episodes) == len(last) else last.select(episodes))
+                    found += keep.size
             rounds += 1
-            tokens += last.num_tokens
-            scores.append(last.scores)
-            sampled += len(last) // size
-            groups = informative_groups(last.scores, size) if config.dynamic_sampling else None
-            if groups is None or groups.all():
-                keep = np.arange(len(last) // size)
-            else:
-                keep = np.flatnonzero(groups)
-            keep = keep[: wanted - found]
-            if keep.size:
-                episodes = (keep[:, None] * size + np.arange(size)).reshape(-1)
-                kept.append(last if len(episodes) == len(last) else last.select(episodes))
-                found += keep.size
-        trajectories = Trajectories.cat(kept) if kept else last
+            # What every rank still misses and has found: one collective per round on every rank (lockstep).
+            missing, found_anywhere = all_reduce_sum(
+                torch.tensor([wanted - found, found], dtype=torch.int64, device=self.device)
+            ).tolist()
+        if kept:
+            trajectories = Trajectories.cat(kept)
+        else:  # no informative group here: the last rollout as it is, or, if other ranks found some, rows
+            trajectories = last  # that only join the update's collectives
+            trajectories.extras["padding"] = found_anywhere > 0
         trajectories.extras.update(
             sampled_tokens=tokens,
             groups_sampled=sampled,
@@ -199,7 +217,22 @@ class DAPOAgent(PGAgent):
 
     def learn(self, trajectories: Trajectories) -> dict[str, float]:
         stats = super().learn(trajectories)
-        for key in ("groups_sampled", "groups_kept", "sampling_rounds", "sampled_score"):
-            if key in trajectories.extras:
-                stats[key] = float(trajectories.extras[key])
+        extras = trajectories.extras
+        if "groups_sampled" in extras:  # every rank's groups and sampled responses (one collective)
+            sampled = extras["groups_sampled"] * self.config.group_size
+            sums = all_reduce_sums(
+                {
+                    "groups_sampled": extras["groups_sampled"],
+                    "groups_kept": extras["groups_kept"],
+                    "score": extras["sampled_score"] * sampled,
+                    "responses": sampled,
+                },
+                self.device,
+            )
+            stats.update(
+                groups_sampled=sums["groups_sampled"],
+                groups_kept=sums["groups_kept"],
+                sampling_rounds=float(extras["sampling_rounds"]),  # the same on every rank
+                sampled_score=sums["score"] / max(sums["responses"], 1.0),
+            )
         return stats

@@ -20,6 +20,12 @@ with LoRA by the policy's own base with the adapter disabled (no second copy of 
 a frozen copy of the initial policy. Dropout stays off in both (TRL's ``disable_dropout``), so h is exactly 0
 before the first step.
 
+On N processes (``torchrun --nproc-per-node N``, see :mod:`llm_env.distributed`) every rank reads the same
+pairs in the same order and takes its share of each batch (pairs ``rank, rank + N, ...`` of it); the loss of
+a share is summed over its pairs and divided by the batch's pair count, and DDP (or FSDP2) adds the shares'
+gradients up, so each step is the single-process step on the same batch. Rank 0 writes logs, TensorBoard and
+checkpoints.
+
 Reading order: :func:`dpo_loss` (the loss, checked by hand in the tests), :class:`DPOConfig`,
 :func:`load_preference_pairs`, :meth:`DPOAgent.learn` (one optimizer step), :meth:`DPOAgent.train` (the
 loop). :mod:`agents.online_dpo` reuses the loss, the batch layout and the reference handling.
@@ -49,8 +55,17 @@ from transformers import PreTrainedTokenizerBase
 from agents.checkpoint import load_training_state, save_training_state
 from agents.policy import SequenceBatch, TokenSampler, add_lora, load_policy, response_forward, save_policy
 from agents.sft import tokenize_pairs
-from agents.tracking import jsonable, tensorboard_writer
+from agents.tracking import jsonable, scalar, tensorboard_writer
 from llm_env import TokenActions
+from llm_env.distributed import (
+    Strategy,
+    all_reduce_sums,
+    data_parallel,
+    init_distributed,
+    is_main_process,
+    rank,
+    world_size,
+)
 from llm_env.models import load_causal_lm, pad_token_id, unwrap_model
 from llm_env.prompts import read_jsonl
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
@@ -81,6 +96,7 @@ def dpo_loss(
     *,
     beta: float,
     loss_type: LossType = "dpo",
+    num_pairs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The DPO or IPO loss of N preference pairs from their sequence log-probabilities, each of shape (N,).
 
@@ -88,6 +104,9 @@ def dpo_loss(
     ``mean(-log sigmoid(beta * h))``, IPO: ``mean((h - 1 / (2 beta))^2)``. Returns the loss and detached
     diagnostics: the implicit rewards ``beta * (log pi - log ref)`` of chosen and rejected responses, their
     margin (``beta * h``) and the share of pairs where the chosen one has the larger implicit reward.
+
+    ``num_pairs`` replaces N as the divisor of the loss and of the diagnostics: the pair count of the whole
+    batch when these N pairs are one rank's share of it, so that the ranks' values add up to the batch's.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -101,12 +120,17 @@ def dpo_loss(
     else:
         raise ValueError(f"loss_type must be 'dpo' or 'ipo', got {loss_type!r}")
     stats = {
-        "chosen_reward": (beta * chosen).detach().mean(),
-        "rejected_reward": (beta * rejected).detach().mean(),
-        "reward_margin": (beta * h).detach().mean(),
-        "reward_accuracy": (h.detach() > 0).float().mean(),
+        "chosen_reward": _pair_mean((beta * chosen).detach(), num_pairs),
+        "rejected_reward": _pair_mean((beta * rejected).detach(), num_pairs),
+        "reward_margin": _pair_mean((beta * h).detach(), num_pairs),
+        "reward_accuracy": _pair_mean((h.detach() > 0).float(), num_pairs),
     }
-    return losses.mean(), stats
+    return _pair_mean(losses, num_pairs), stats
+
+
+def _pair_mean(values: torch.Tensor, num_pairs: float | None) -> torch.Tensor:
+    """The mean of per-pair ``values``, or their sum over ``num_pairs`` (a rank's share of a batch's mean)."""
+    return values.mean() if num_pairs is None else values.sum() / num_pairs
 
 
 def sequence_logprobs(
@@ -171,15 +195,29 @@ def preference_loss(
     loss_type: LossType,
     average: bool,
     temperature: float = 1.0,
+    num_pairs: float | None = None,
+    trainer: nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """:func:`dpo_loss` of a :func:`pair_batch`: one reference pass without gradients, one policy pass."""
+    """:func:`dpo_loss` of a :func:`pair_batch`: one reference pass without gradients, one policy pass.
+
+    ``num_pairs``: the divisor of the loss and diagnostics (see :func:`dpo_loss`); ``trainer``: what the
+    policy pass calls (a ``DistributedDataParallel`` wrapper of ``policy``; default ``policy``), while the
+    LoRA reference is ``policy`` itself with its adapter disabled."""
     n = len(batch) // 2
     with torch.no_grad(), reference_model(policy, reference) as ref:
         ref_logps = sequence_logprobs(ref, batch, average=average, temperature=temperature)
-    logps = sequence_logprobs(policy, batch, average=average, temperature=temperature)
-    loss, stats = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta=beta, loss_type=loss_type)
-    stats["chosen_logp"] = logps[:n].detach().mean()
-    stats["rejected_logp"] = logps[n:].detach().mean()
+    logps = sequence_logprobs(trainer or policy, batch, average=average, temperature=temperature)
+    loss, stats = dpo_loss(
+        logps[:n],
+        logps[n:],
+        ref_logps[:n],
+        ref_logps[n:],
+        beta=beta,
+        loss_type=loss_type,
+        num_pairs=num_pairs,
+    )
+    stats["chosen_logp"] = _pair_mean(logps[:n].detach(), num_pairs)
+    stats["rejected_logp"] = _pair_mean(logps[n:].detach(), num_pairs)
     return loss, stats
 
 
@@ -219,6 +257,9 @@ class DPOConfig:
     """Modules that receive LoRA adapters."""
     temperature: float = 1.0
     """Sampling temperature when the trained agent acts in an environment (training samples nothing)."""
+    strategy: Strategy = "ddp"
+    """On several processes (torchrun): "ddp" keeps a replica of the policy per rank and averages gradients;
+    "fsdp" shards parameters, gradients and optimizer state across ranks (FSDP2). Ignored in one process."""
     seed: int = 0
     """Seed of the pair order and of sampling."""
     log_dir: str | None = None
@@ -240,8 +281,17 @@ class DPOConfig:
         check(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         check(self.lora_rank >= 0, f"lora_rank must be >= 0 (0 disables LoRA), got {self.lora_rank}")
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if isinstance(self.lora_target_modules, list):
             self.lora_target_modules = tuple(self.lora_target_modules)
+
+    def check_world_size(self, world: int) -> None:
+        """Fail before any work when a batch cannot give each of ``world`` ranks a pair."""
+        if self.batch_size < world:
+            raise ValueError(
+                f"batch_size={self.batch_size} pairs cannot give each of the {world} ranks a pair per step: use "
+                f"a batch_size of at least {world}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -373,6 +423,9 @@ class DPOAgent:
         device: torch.device | str | None = None,
     ) -> None:
         self.config = config = config or DPOConfig()
+        init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
+        self.world_size = world_size()
+        config.check_world_size(self.world_size)
         model, self.tokenizer, self.device = load_policy(policy, tokenizer, device)
         if config.lora_rank:  # peft freezes the base weights; only the adapters train
             model = add_lora(
@@ -384,6 +437,7 @@ class DPOAgent:
         self.policy = model
         self.reference = frozen_reference(model, reference, lora=bool(config.lora_rank), device=self.device)
         """The frozen reference model, or None: the LoRA policy with its adapter disabled."""
+        self._trainer = data_parallel(model, strategy=config.strategy)  # the policy itself in one process
         self.optimizer = make_optimizer(
             trainable_parameters(model),
             lr=config.learning_rate,
@@ -418,8 +472,20 @@ class DPOAgent:
         )
 
     # ------------------------------------------------------------------------------------ learning
-    def learn(self, batch: SequenceBatch) -> dict[str, float]:
-        """One optimizer step on a :func:`pair_batch` (chosen rows first, then rejected rows)."""
+    def learn(self, batch: SequenceBatch, *, num_pairs: int | None = None) -> dict[str, float]:
+        """One optimizer step on a :func:`pair_batch` (chosen rows first, then rejected rows).
+
+        On N processes every rank calls it with its share of the step's pairs; ``num_pairs`` is the step's
+        pair count over all ranks (default: counted with one collective), the divisor of the loss, so the
+        step is the single-process step on every rank's pairs. The returned statistics are global.
+        """
+        if num_pairs is None:
+            num_pairs = int(all_reduce_sums({"pairs": len(batch) // 2}, self.device)["pairs"])
+        return self._step(batch, num_pairs, weight=1.0)
+
+    def _step(self, batch: SequenceBatch, num_pairs: int, *, weight: float) -> dict[str, float]:
+        """One optimizer step on this rank's pairs ``batch`` of a step of ``num_pairs`` pairs; ``weight`` 0 makes
+        a rank without pairs in this step join the gradient collective with a pair that counts for nothing."""
         config = self.config
         self.policy.eval()  # no dropout: h is exactly 0 before the first step
         loss, stats = preference_loss(
@@ -429,15 +495,19 @@ class DPOAgent:
             beta=config.beta,
             loss_type=config.loss_type,
             average=config.average_logprobs,
+            num_pairs=num_pairs,
+            trainer=self._trainer,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # This rank's share of the batch's loss; DDP (or FSDP2) averages the ranks' gradients, hence N x.
+        (loss * (weight * self.world_size)).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.policy), config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        out = {"loss": float(loss.detach()), "grad_norm": float(grad_norm)}
-        out.update({key: float(value) for key, value in stats.items()})
+        shares = {key: scalar(value) * weight for key, value in {"loss": loss, **stats}.items()}
+        out = all_reduce_sums(shares, self.device)  # the shares add up to the batch's means
+        out["grad_norm"] = scalar(grad_norm)
         return out
 
     def _batch(self, data: PreferencePairs, index: np.ndarray) -> SequenceBatch:
@@ -463,6 +533,10 @@ class DPOAgent:
         The pair order of epoch e is a permutation seeded by ``(seed, e)``, so a run resumed from a
         checkpoint takes exactly the steps the uninterrupted run would have taken. A checkpoint is written
         every ``checkpoint_every`` steps and at the end; ``callback(step, stats)`` runs after it.
+
+        On N processes every rank calls it with the same pairs and takes its share of each batch (pairs
+        ``rank, rank + N, ...``; a rank left without a pair of a last, short batch joins with a pair that
+        counts for nothing), so the steps are those of one process on the same data in the same order.
         """
         config = self.config
         data = self.tokenize(pairs)
@@ -482,9 +556,12 @@ class DPOAgent:
             warmup_steps=int(config.warmup_ratio * total),
             completed_steps=self.step,
         )
-        writer = tensorboard_writer(config.log_dir)
+        main = is_main_process()
+        writer = tensorboard_writer(config.log_dir) if main else None
         history = []
-        bar = tqdm(total=total, initial=self.step, desc=config.loss_type, disable=not config.progress)
+        bar = tqdm(
+            total=total, initial=self.step, desc=config.loss_type, disable=not config.progress or not main
+        )
         order, order_epoch = None, -1
         while self.step < total:
             epoch, position = divmod(self.step, per_epoch)
@@ -492,8 +569,11 @@ class DPOAgent:
                 order = np.random.default_rng((config.seed, epoch)).permutation(n)
                 order_epoch = epoch
             index = order[position * config.batch_size : (position + 1) * config.batch_size]
+            mine, weight = index[rank() :: self.world_size], 1.0  # this rank's share of the batch
+            if len(mine) == 0:  # a short last batch: join the gradient collective with a pair of no weight
+                mine, weight = index[:1], 0.0
             start = time.perf_counter()
-            stats = self.learn(self._batch(data, index))
+            stats = self._step(self._batch(data, mine), len(index), weight=weight)
             stats.update(
                 step=self.step,
                 epoch=epoch,
@@ -517,7 +597,8 @@ class DPOAgent:
 
     # -------------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states, step and data hash, atomically."""
+        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states, step and data hash, atomically
+        (on N processes every rank calls it and rank 0 writes)."""
         return save_training_state(
             path,
             modules={"policy": self.policy},
@@ -529,17 +610,23 @@ class DPOAgent:
                 "config": jsonable(dataclasses.asdict(self.config)),
             },
             trainable_only=bool(self.config.lora_rank),
+            optimizer_model=self._trainer,
         )
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` into this agent (same model source)."""
         self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
         state = load_training_state(
-            path, modules={"policy": self.policy}, optimizer=self.optimizer, scheduler=self.scheduler
+            path,
+            modules={"policy": self.policy},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_model=self._trainer,
         )
         self.step = int(state["step"])
         self._data_key = state["data"]
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
+        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes every
+        rank calls it and rank 0 writes)."""
         save_policy(self.policy, self.tokenizer, path)

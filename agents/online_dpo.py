@@ -14,6 +14,13 @@ draws its k samples), whose ``info["completion"]["score"]`` is the reward model'
 coefficient is 0 (DPO regularises through beta in the loss); with a reference it still measures the KL to it,
 which is logged. The loss, the pair layout and the reference handling are those of :mod:`agents.dpo`.
 
+On N processes (``torchrun --nproc-per-node N``, see :mod:`llm_env.distributed`) every rank samples its own
+``prompts_per_update / N`` prompts from its own shard (two responses each) and finds its pairs; the pairs are
+then ordered as if one process held every rank's episodes in rank order, each minibatch is dealt to the ranks
+that hold its pairs, the loss is divided by the minibatch's pair count over all ranks and DDP adds the ranks'
+gradients up, so the update is the single-process update on the same episodes. Ties, pair counts, scores and
+the token budget are counted over all ranks; rank 0 writes logs, TensorBoard and checkpoints.
+
 Reading order: :class:`OnlineDPOConfig`, :meth:`OnlineDPOAgent.pairs` (sampled episodes to preference pairs),
 :meth:`OnlineDPOAgent.learn` (the update), :meth:`OnlineDPOAgent.train` (the loop).
 """
@@ -40,8 +47,22 @@ from agents.checkpoint import load_training_state, save_training_state
 from agents.dpo import LossType, frozen_reference, pair_batch, preference_loss
 from agents.policy import SequenceBatch, TokenSampler, add_lora, load_policy, save_policy
 from agents.rollout import Trajectories, collect_episodes
-from agents.tracking import jsonable, tensorboard_writer
+from agents.tracking import jsonable, scalar, tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
+from llm_env.distributed import (
+    Strategy,
+    all_reduce_sum,
+    all_reduce_sums,
+    check_divisible,
+    data_parallel,
+    full_parameters,
+    init_distributed,
+    is_main_process,
+    rank,
+    rank_seed,
+    shard_prompts,
+    world_size,
+)
 from llm_env.models import pad_token_id
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
 
@@ -85,6 +106,10 @@ class OnlineDPOConfig:
     fuse_reference: bool = True
     """With LoRA, let environments built by OnlineDPOAgent.make_env decode the policy and its adapter-disabled
     reference in one forward pass and sample from the policy half (as PPOConfig); ignored without LoRA."""
+    strategy: Strategy = "ddp"
+    """On several processes (torchrun): "ddp" keeps a replica of the policy per rank and averages gradients;
+    "fsdp" shards parameters, gradients and optimizer state across ranks (FSDP2; sampling gathers the full
+    weights, which must fit one device). Ignored in one process."""
     seed: int = 0
     """Seed of everything random: prompt choice, sampling, minibatch order."""
     log_dir: str | None = None
@@ -111,8 +136,19 @@ class OnlineDPOConfig:
         check(self.warmup_updates >= 0, f"warmup_updates must be >= 0, got {self.warmup_updates}")
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
         check(self.lora_rank >= 0, f"lora_rank must be >= 0 (0 disables LoRA), got {self.lora_rank}")
+        check(self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if isinstance(self.lora_target_modules, list):
             self.lora_target_modules = tuple(self.lora_target_modules)
+
+    def check_world_size(self, world: int) -> None:
+        """Fail before any work when ``world`` ranks cannot share the prompts of an update evenly."""
+        check_divisible(
+            "prompts_per_update",
+            self.prompts_per_update,
+            world,
+            f"every rank samples prompts_per_update / {world} prompts (two responses each); pick a multiple "
+            f"of {world}",
+        )
 
 
 class OnlineDPOAgent:
@@ -138,6 +174,9 @@ class OnlineDPOAgent:
         device: torch.device | str | None = None,
     ) -> None:
         self.config = config = config or OnlineDPOConfig()
+        init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
+        self.world_size = world_size()
+        config.check_world_size(self.world_size)
         model, self.tokenizer, self.device = load_policy(policy, tokenizer, device)
         if config.lora_rank:  # peft freezes the base weights; only the adapters train
             model = add_lora(
@@ -149,6 +188,7 @@ class OnlineDPOAgent:
         self.policy = model
         self.reference = frozen_reference(model, reference, lora=bool(config.lora_rank), device=self.device)
         """The frozen reference model, or None: the LoRA policy with its adapter disabled."""
+        self._trainer = data_parallel(model, strategy=config.strategy)  # the policy itself in one process
         self.optimizer = make_optimizer(
             trainable_parameters(model),
             lr=config.learning_rate,
@@ -183,7 +223,12 @@ class OnlineDPOAgent:
     ) -> TextGenVectorEnv:
         """A :class:`~llm_env.TextGenVectorEnv` for online DPO: autoreset disabled (prompts are forced), KL
         coefficient 0 (the loss regularises), this agent's tokenizer, device and reference (to measure the
-        KL). The sampler is attached to it, to act from fused policy logits when there are any."""
+        KL). The sampler is attached to it, to act from fused policy logits when there are any. On N processes
+        each rank's environment gets its own disjoint, seeded shard of ``prompts``
+        (:func:`llm_env.distributed.shard_prompts`)."""
+        prompts = shard_prompts(
+            prompts, num_envs=num_envs, seed=self.config.seed, key=env_kwargs.get("prompt_key", "prompt")
+        )
         options = dict(
             prompts=prompts,
             reward=reward,
@@ -250,21 +295,42 @@ class OnlineDPOAgent:
 
     def learn(self, trajectories: Trajectories) -> dict[str, float]:
         """One online DPO update on two sampled responses per prompt; returns the diagnostics (means over
-        minibatches), including the skipped ties."""
+        minibatches), including the skipped ties.
+
+        On N processes every rank calls it with its own episodes. The pairs are numbered as if one process
+        held every rank's episodes in rank order, every minibatch of that order is dealt to the ranks that hold
+        its pairs (a rank with none joins the gradient collective with a pair of no weight) and its loss is
+        divided by its pair count over all ranks, so the update is the single-process one on the same
+        episodes; ties, pair counts, scores and sampled tokens are counted over all ranks.
+        """
         config = self.config
+        world = self.world_size
         start_time = time.perf_counter()
-        batch, stats = self.pairs(trajectories)
-        self.ties += int(stats["ties"])
-        losses: dict[str, list[float]] = {}
-        if batch is not None:
+        batch, _ = self.pairs(trajectories)
+        n = len(batch) // 2 if batch is not None else 0
+        counts = torch.zeros(world, dtype=torch.int64, device=self.device)
+        counts[rank()] = n
+        counts = all_reduce_sum(counts).tolist()  # every rank's pair count (one collective)
+        offset, total = sum(counts[: rank()]), sum(counts)
+        shares: dict[str, list[float]] = {}
+        grad_norms: list[float] = []
+        if total:
             self.policy.eval()  # no dropout: h is exactly 0 against an identical reference
-            n = len(batch) // 2
+            if batch is None:  # only ties here: a pair that only joins the collectives
+                batch = self._placeholder_pair(trajectories)
+            held = len(batch) // 2
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
             for _ in range(config.epochs):
-                order = torch.randperm(n, generator=generator)
-                for start in range(0, n, config.minibatch_size):
-                    rows = order[start : start + config.minibatch_size]
-                    sub = batch.select(torch.cat([rows, rows + n]))  # chosen rows, then their rejected rows
+                order = torch.randperm(total, generator=generator)
+                for start in range(0, total, config.minibatch_size):
+                    chunk = order[start : start + config.minibatch_size]
+                    rows = chunk[(chunk >= offset) & (chunk < offset + n)] - offset  # this rank's pairs
+                    weight = 1.0
+                    if len(rows) == 0:
+                        rows, weight = torch.zeros(1, dtype=torch.long), 0.0
+                    sub = batch.select(
+                        torch.cat([rows, rows + held])
+                    )  # chosen rows, then their rejected rows
                     loss, loss_stats = preference_loss(
                         self.policy,
                         self.reference,
@@ -273,31 +339,81 @@ class OnlineDPOAgent:
                         loss_type=config.loss_type,
                         average=config.average_logprobs,
                         temperature=config.temperature,
+                        num_pairs=len(chunk),
+                        trainer=self._trainer,
                     )
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    # This rank's share of the minibatch loss; DDP averages the ranks' gradients, hence N x.
+                    (loss * (weight * world)).backward()
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         trainable_parameters(self.policy), config.max_grad_norm
                     )
                     self.optimizer.step()
                     self.optimizer_steps += 1
-                    for key, value in {"loss": loss, "grad_norm": grad_norm, **loss_stats}.items():
-                        losses.setdefault(key, []).append(float(value.detach()))
+                    for key, value in {"loss": loss, **loss_stats}.items():
+                        shares.setdefault(key, []).append(scalar(value) * weight)
+                    grad_norms.append(scalar(grad_norm))
         with warnings.catch_warnings():  # an update of ties only steps the schedule, not the optimizer
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
         self.update += 1
-        tokens = int(trajectories.lengths.sum())
-        self.sampled_tokens += tokens
-        stats.update({key: float(np.mean(values)) for key, values in losses.items()})
+        stats = self._episode_stats(trajectories, n, {k: float(np.mean(v)) for k, v in shares.items()})
+        self.ties += int(stats["ties"])
+        self.sampled_tokens += int(stats.pop("tokens"))
+        if grad_norms:  # the same on every rank (the gradients are averaged before clipping)
+            stats["grad_norm"] = float(np.mean(grad_norms))
         stats.update(
-            kl=float(np.nanmean(trajectories.kl)) if np.isfinite(trajectories.kl).any() else float("nan"),
-            response_length=float(np.mean(trajectories.lengths)),
             sampled_tokens=float(self.sampled_tokens),
             optimizer_steps=float(self.optimizer_steps),
             learning_rate=float(self.scheduler.get_last_lr()[0]),
             update_seconds=time.perf_counter() - start_time,
         )
+        return stats
+
+    def _placeholder_pair(self, trajectories: Trajectories) -> SequenceBatch:
+        """Episodes 0 and 1 (one prompt) as a pair, for a rank whose pairs all tie to join the collectives."""
+        responses = trajectories.response_list()
+        return pair_batch(
+            [trajectories.prompt_ids[0]],
+            [responses[0]],
+            [responses[1]],
+            pad_id=self.pad_id,
+            device=self.device,
+        )
+
+    def _episode_stats(
+        self, trajectories: Trajectories, pairs: int, loss_shares: dict[str, float]
+    ) -> dict[str, float]:
+        """Pairs, ties, scores, KL and lengths over every rank's episodes, and the loss statistics (each
+        rank's shares of the minibatch means, added up), in one collective."""
+        scores = trajectories.scores.reshape(-1, 2)
+        kl = trajectories.kl[np.isfinite(trajectories.kl)]
+        sums = all_reduce_sums(
+            {
+                "pairs": pairs,
+                "prompts": len(scores),
+                "score": float(scores.sum()),
+                "chosen": float(scores.max(axis=1).sum()),
+                "rejected": float(scores.min(axis=1).sum()),
+                "kl": float(kl.sum()),
+                "kl_count": len(kl),
+                "tokens": float(trajectories.lengths.sum()),
+                **{f"loss/{key}": value for key, value in loss_shares.items()},
+            },
+            self.device,
+        )
+        prompts = sums["prompts"]
+        stats = {
+            "pairs": sums["pairs"],
+            "ties": prompts - sums["pairs"],
+            "score": sums["score"] / (2 * prompts),
+            "chosen_score": sums["chosen"] / prompts,
+            "rejected_score": sums["rejected"] / prompts,
+            "kl": sums["kl"] / sums["kl_count"] if sums["kl_count"] else float("nan"),
+            "response_length": sums["tokens"] / (2 * prompts),
+            "tokens": sums["tokens"],
+        }
+        stats.update({key[5:]: value for key, value in sums.items() if key.startswith("loss/")})
         return stats
 
     # ------------------------------------------------------------------------------------- the loop
@@ -319,6 +435,11 @@ class OnlineDPOAgent:
         the environment's reset, sampling and minibatch order from ``(seed, u)`` too, so a resumed run
         continues exactly as the uninterrupted one. Returns the per-update diagnostics (score, chosen and rejected scores, ties,
         loss, implicit-reward accuracy and margin, KL to the reference, sampled tokens).
+
+        On N processes every rank calls it with its own environment (:meth:`make_env` shards the prompts) and
+        draws ``prompts_per_update / N`` of its prompts with its own seeds
+        (:func:`llm_env.distributed.rank_seed`); the token budget counts every rank's tokens, so all ranks stop
+        after the same update, and only rank 0 writes TensorBoard logs, the progress bar and checkpoints.
         """
         config = self.config
         if total_updates is None and total_tokens is None:
@@ -337,31 +458,33 @@ class OnlineDPOAgent:
             warmup_steps=config.warmup_updates,
             completed_steps=self.update,
         )
-        writer = tensorboard_writer(config.log_dir)
+        main = is_main_process()
+        writer = tensorboard_writer(config.log_dir) if main else None
         history = []
         bar = tqdm(
             total=total_tokens if total is None else total,
             initial=self.sampled_tokens if total is None else self.update,
             desc="online dpo",
             unit=" tokens" if total is None else " updates",
-            disable=not config.progress,
+            disable=not config.progress or not main,
         )
         while (total is None or self.update < total) and (
             total_tokens is None or self.sampled_tokens < total_tokens
         ):
-            rng = np.random.default_rng((config.seed, self.update))
+            rng = np.random.default_rng((rank_seed(config.seed), self.update))
             n_prompts = env.num_prompts  # with fewer prompts than asked for, some are drawn twice
-            prompts = rng.choice(
-                n_prompts, size=config.prompts_per_update, replace=config.prompts_per_update > n_prompts
-            )
+            count = config.prompts_per_update // self.world_size  # this rank's share
+            prompts = rng.choice(n_prompts, size=count, replace=count > n_prompts)
             start = time.perf_counter()
-            trajectories = self.sample(env, prompts, seed=config.seed * 1_000_003 + self.update)
+            with full_parameters(self.policy):  # FSDP2: every rank decodes at its own pace
+                trajectories = self.sample(
+                    env, prompts, seed=rank_seed(config.seed * 1_000_003 + self.update)
+                )
             rollout_time = time.perf_counter() - start
+            before = self.sampled_tokens
             stats = self.learn(trajectories)
-            stats.update(
-                update=self.update,
-                rollout_tokens_per_s=float(trajectories.lengths.sum()) / max(rollout_time, 1e-9),
-            )
+            tokens = self.sampled_tokens - before  # every rank's
+            stats.update(update=self.update, rollout_tokens_per_s=tokens / max(rollout_time, 1e-9))
             history.append(stats)
             if writer is not None:
                 for key, value in stats.items():
@@ -373,7 +496,7 @@ class OnlineDPOAgent:
                 self.save_checkpoint(checkpoint_dir)
             if callback is not None:  # after the checkpoint: a callback that stops the run loses nothing
                 callback(self.update, stats)
-            bar.update(1 if total is not None else int(trajectories.lengths.sum()))
+            bar.update(1 if total is not None else tokens)
             bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}", ties=int(stats["ties"]))
         bar.close()
         if writer is not None:
@@ -382,7 +505,8 @@ class OnlineDPOAgent:
 
     # -------------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states and counters, atomically."""
+        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states and counters, atomically (on N
+        processes every rank calls it and rank 0 writes)."""
         return save_training_state(
             path,
             modules={"policy": self.policy},
@@ -396,13 +520,18 @@ class OnlineDPOAgent:
                 "config": jsonable(dataclasses.asdict(self.config)),
             },
             trainable_only=bool(self.config.lora_rank),
+            optimizer_model=self._trainer,
         )
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` into this agent (same model source)."""
         self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
         state = load_training_state(
-            path, modules={"policy": self.policy}, optimizer=self.optimizer, scheduler=self.scheduler
+            path,
+            modules={"policy": self.policy},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_model=self._trainer,
         )
         self.update = int(state["update"])
         self.sampled_tokens = int(state["sampled_tokens"])
@@ -410,5 +539,6 @@ class OnlineDPOAgent:
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
+        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes every
+        rank calls it and rank 0 writes)."""
         save_policy(self.policy, self.tokenizer, path)

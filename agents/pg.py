@@ -24,6 +24,15 @@ to 0 and adds ``kl_coef * k(logp - ref_logp)``, with ``k`` one of :data:`llm_env
 k1's is zero in expectation (``E_pi[grad log pi] = 0``), k2's is the gradient of KL(pi || pi_ref), k3's is
 biased. The reference is the environment's (untempered), so both placements penalise the same KL.
 
+**On N processes** (``torchrun --nproc-per-node N``, see :mod:`llm_env.distributed`) every rank owns a
+disjoint, seeded shard of the prompts (:meth:`PGAgent.make_env`) and samples ``prompts_per_update / N`` whole
+groups per update with its own seeds, so a group never straddles ranks and the group statistics (GRPO's mean
+and std, RLOO's leave-one-out, ReMax's greedy baseline) stay local and exact. What defines the update is
+global: the normalisers of every loss aggregation (the minibatch's sequences and tokens over all ranks, Dr.
+GRPO's constant), REINFORCE++'s batch whitening, DAPO's count of informative groups, the token budget and the
+logged statistics; DDP averages the gradients (or FSDP2 reduce-scatters them), so an update on N ranks is the
+single-process update on the same episodes. Rank 0 writes logs, TensorBoard and checkpoints.
+
 Reading order: :class:`PGConfig` (the shared knobs), :meth:`PGAgent.rollout`, :meth:`PGAgent.learn` (the
 update), :meth:`PGAgent.train` (the loop); the pure helpers :func:`group_view` and :func:`clip_loss` are what
 the algorithm modules build their advantages and losses from.
@@ -54,6 +63,22 @@ from agents.policy import SequenceBatch, TokenSampler, add_lora, load_policy, re
 from agents.rollout import Trajectories, collect_episodes
 from agents.tracking import append_stat, jsonable, tensorboard_writer
 from llm_env import KL_ESTIMATORS, AdapterDisabled, TextGenVectorEnv, TokenActions, kl_penalty
+from llm_env.distributed import (
+    Strategy,
+    all_reduce_means,
+    all_reduce_sum,
+    all_reduce_sums,
+    check_divisible,
+    data_parallel,
+    full_parameters,
+    gradient_sync,
+    init_distributed,
+    is_main_process,
+    rank,
+    rank_seed,
+    shard_prompts,
+    world_size,
+)
 from llm_env.kl import check_kl_coef, check_kl_estimator
 from llm_env.models import load_causal_lm, pad_token_id
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
@@ -167,6 +192,10 @@ class PGConfig:
     policy half (``AdapterDisabled(policy, fuse=True)``, as PPOConfig). Ignored without LoRA."""
     cuda_graphs: bool = False
     """Replay decode steps as CUDA graphs (CUDA only; see :class:`llm_env.IncrementalLM`)."""
+    strategy: Strategy = "ddp"
+    """On several processes (torchrun): "ddp" keeps a replica of the policy per rank and averages gradients;
+    "fsdp" shards parameters, gradients and optimizer state across ranks (FSDP2 ``fully_shard``; rollouts
+    gather the full weights, which must fit one device). Works with LoRA; ignored in one process."""
     seed: int = 0
     """Seed of everything random: prompt choice, sampling, minibatch order."""
     log_dir: str | None = None
@@ -211,8 +240,34 @@ class PGConfig:
         check_kl_estimator(self.kl_estimator)
         check(self.lora_rank >= 0, "lora_rank must be >= 0 (0 disables LoRA)")
         check(self.warmup_updates >= 0, "warmup_updates must be >= 0")
+        check(self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if isinstance(self.lora_target_modules, list):
             self.lora_target_modules = tuple(self.lora_target_modules)
+
+    def check_world_size(self, world: int) -> None:
+        """Fail before any work when ``world`` processes cannot split the rollout and the minibatches evenly:
+        every rank samples ``prompts_per_update / world`` whole groups and holds ``minibatch_size / world``
+        episodes of every minibatch."""
+        check_divisible(
+            "prompts_per_update",
+            self.prompts_per_update,
+            world,
+            f"every rank samples prompts_per_update / {world} whole groups of group_size={self.group_size} "
+            f"responses; pick a multiple of {world}",
+        )
+        if self.minibatch_size is not None:
+            check_divisible(
+                "minibatch_size",
+                self.minibatch_size,
+                world,
+                f"every rank takes minibatch_size / {world} episodes of each minibatch; pick a multiple of {world}",
+            )
+        local = (self.minibatch_size or self.episodes_per_update) // world
+        if local % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide the per-rank "
+                f"minibatch {self.minibatch_size or self.episodes_per_update} / world size {world} = {local}"
+            )
 
     def require_groups(self, algorithm: str) -> None:
         """Raise unless ``group_size >= 2`` (for advantages that compare responses to the same prompt)."""
@@ -239,6 +294,11 @@ class PGAgent:
         reference: the frozen reference; default: the policy's base with LoRA adapters disabled when
             ``lora_rank > 0``, otherwise a frozen copy of the initial policy. A path or model may be given.
         device: where the policy lives (default: the model's device, or CUDA when available for paths).
+
+    Under ``torchrun`` the constructor starts the process group (:func:`llm_env.distributed.init_distributed`)
+    and checks that the world size divides the rollout (a ValueError naming the numbers otherwise); the
+    update trains through :func:`~llm_env.distributed.data_parallel` (``config.strategy``) while the policy
+    itself acts.
     """
 
     config_class: ClassVar[type[PGConfig]] = PGConfig
@@ -262,6 +322,9 @@ class PGAgent:
         if self.kl_aggregation not in LOSS_AGGREGATIONS:  # a subclass typo would only show in the loss
             raise ValueError(f"kl_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.kl_aggregation}")
         self.config = config
+        init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
+        self.world_size = world_size()
+        config.check_world_size(self.world_size)
         model, self.tokenizer, device = load_policy(policy, tokenizer, device)
         if isinstance(reference, (str, os.PathLike)):
             reference = load_causal_lm(reference, device=device).requires_grad_(False)
@@ -283,6 +346,9 @@ class PGAgent:
             )
         self.policy = model
         self.device = device
+        # What the update calls: DDP around the policy, or the policy sharded in place (FSDP2); the policy
+        # itself acts (a DDP replica, or the full FSDP weights gathered around each rollout).
+        self._trainer = data_parallel(self.policy, strategy=config.strategy)
         self.optimizer = make_optimizer(
             trainable_parameters(self.policy),
             lr=config.learning_rate,
@@ -320,7 +386,12 @@ class PGAgent:
         self, prompts: Any, reward: Any, *, num_envs: int = 16, **env_kwargs: Any
     ) -> TextGenVectorEnv:
         """A :class:`~llm_env.TextGenVectorEnv` for this agent: ``AutoresetMode.DISABLED`` (prompts are forced),
-        its tokenizer, reference, device, beta (0 with the KL in the loss) and KL estimator."""
+        its tokenizer, reference, device, beta (0 with the KL in the loss) and KL estimator. On N processes
+        each rank's environment gets its own disjoint, seeded shard of ``prompts``
+        (:func:`llm_env.distributed.shard_prompts`; too few prompts for N ranks x ``num_envs`` fail here)."""
+        prompts = shard_prompts(
+            prompts, num_envs=num_envs, seed=self.config.seed, key=env_kwargs.get("prompt_key", "prompt")
+        )
         options = dict(
             prompts=prompts,
             reward=reward,
@@ -362,10 +433,11 @@ class PGAgent:
         return self.sampler.act(obs, restarted)
 
     def choose_prompts(self, num_prompts: int, round_: int = 0) -> np.ndarray:
-        """The prompts of this update's rollout (round ``round_``): a pure function of (seed, update, round),
-        without replacement unless there are fewer prompts than ``prompts_per_update``."""
-        count = self.config.prompts_per_update
-        rng = np.random.default_rng((self.config.seed, self.update, round_))
+        """This rank's prompts of this update's rollout (round ``round_``): ``prompts_per_update / N`` of the
+        ``num_prompts`` of its environment, a pure function of (seed, rank, update, round), without
+        replacement unless there are fewer prompts than that."""
+        count = self.config.prompts_per_update // self.world_size
+        rng = np.random.default_rng((rank_seed(self.config.seed), self.update, round_))
         return rng.choice(num_prompts, size=count, replace=count > num_prompts)
 
     def sample(self, env: TextGenVectorEnv, prompts: np.ndarray) -> Trajectories:
@@ -373,12 +445,14 @@ class PGAgent:
         queue = np.repeat(np.asarray(prompts, dtype=np.int64), self.config.group_size)
         self.policy.eval()  # sample without dropout, as the log-probabilities are recomputed
         return collect_episodes(
-            env, self, len(queue), seed=self.config.seed + self.update, prompt_indices=queue
+            env, self, len(queue), seed=rank_seed(self.config.seed + self.update), prompt_indices=queue
         )
 
     def rollout(self, env: TextGenVectorEnv) -> Trajectories:
-        """The episodes of one update. ``extras["sampled_tokens"]`` counts every response token generated
-        for them (subclasses that sample more, e.g. ReMax's greedy baseline, add theirs)."""
+        """The episodes of one update (this rank's share on N processes). ``extras["sampled_tokens"]`` counts
+        every response token generated for them (subclasses that sample more, e.g. ReMax's greedy baseline,
+        add theirs). With FSDP2 call it inside ``with llm_env.distributed.full_parameters(agent.policy):``
+        on every rank (:meth:`train` does)."""
         trajectories = self.sample(env, self.choose_prompts(env.num_prompts))
         trajectories.extras["sampled_tokens"] = trajectories.num_tokens
         return trajectories
@@ -428,16 +502,35 @@ class PGAgent:
             )
 
     def learn(self, trajectories: Trajectories) -> dict[str, float]:
-        """One update on a rollout (from :meth:`rollout`); returns the diagnostics (means over steps)."""
+        """One update on a rollout (from :meth:`rollout`); returns the diagnostics (means over steps).
+
+        On N processes every rank calls it with its own episodes (whole groups); the update is the one a single
+        process would make on all of them: each minibatch's normalisers (sequences, tokens) are counted over
+        every rank, the loss is scaled by N because DDP averages the ranks' gradients, and the statistics are
+        global. Ranks may hold different numbers of episodes (DAPO keeps what it finds): the smaller ones are
+        padded with rows that carry no loss, so that every rank runs as many forward and backward passes
+        (collectives). ``extras["padding"]`` marks a rank whose episodes are all such rows (DAPO on a rank that
+        found no informative group while others did).
+        """
         config = self.config
+        world = self.world_size
         start_time = time.perf_counter()
         self.check_groups(trajectories)
+        n = len(trajectories)
+        real = 0 if trajectories.extras.get("padding", False) else n
+        rows = n
+        if world > 1:  # every rank's episode count, one collective: pad to the largest
+            counts = torch.zeros(world, dtype=torch.int64, device=self.device)
+            counts[rank()] = n
+            rows = int(all_reduce_sum(counts).max())
         batch = SequenceBatch.build(
             trajectories.prompt_ids, trajectories.response_list(), pad_id=self.pad_id, device=self.device
         )
-        mask = batch.response_mask  # (N, T)
-        n = len(batch)
-        minibatch = min(config.minibatch_size or n, n)
+        valid = torch.arange(rows, device=self.device) < real  # (rows,) the episodes that carry loss
+        if rows > n:
+            batch = batch.select(torch.cat([torch.arange(n), torch.zeros(rows - n, dtype=torch.long)]))
+        mask = batch.response_mask & valid[:, None]  # (rows, T)
+        minibatch = min((config.minibatch_size // world) if config.minibatch_size else rows, rows)
         micro = max(1, minibatch // config.gradient_accumulation_steps)
         kl_in_loss = config.kl_in == "loss" and config.kl_coef > 0
 
@@ -447,77 +540,129 @@ class PGAgent:
         entropy = torch.zeros(mask.shape, device=self.device)
         ref_logprobs = torch.zeros(mask.shape, device=self.device) if kl_in_loss else None
         with torch.no_grad():
-            for start in range(0, n, minibatch):
-                index = torch.arange(start, min(n, start + minibatch), device=self.device)
+            for start in range(0, rows, minibatch):
+                index = torch.arange(start, min(rows, start + minibatch), device=self.device)
                 sub = batch.select(index)
                 steps = sub.response_mask.shape[1]
-                scores = response_forward(self.policy, sub, temperature=config.temperature, entropy=True)
+                scores = response_forward(self._trainer, sub, temperature=config.temperature, entropy=True)
                 old_logprobs[index, :steps] = scores.logprobs
                 entropy[index, :steps] = scores.entropy
                 if ref_logprobs is not None:
                     ref_logprobs[index, :steps] = self._reference_logprobs(sub)
-        advantages = per_token(self.advantages(trajectories).to(self.device, torch.float32), mask)
+        advantages = self.advantages(trajectories).to(self.device, torch.float32)  # (n,) or (n, T)
+        if rows > n:
+            advantages = torch.cat([advantages, advantages.new_zeros(rows - n, *advantages.shape[1:])])
+        advantages = per_token(advantages, mask)
         max_length = self.length_normaliser(trajectories)
 
+        # The minibatches of every epoch, and each one's sequences and tokens over all ranks (one collective):
+        # with these totals the ranks' losses add up to the loss of the whole minibatch.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
+        chunks = [
+            order[start : start + minibatch]
+            for order in (
+                torch.randperm(rows, generator=generator).to(self.device) for _ in range(config.epochs)
+            )
+            for start in range(0, rows, minibatch)
+        ]
+        totals = all_reduce_sum(
+            torch.stack([torch.stack([valid[c].sum(), mask[c].sum()]) for c in chunks]).to(torch.float64)
+        ).tolist()
         stats: dict[str, list[float]] = {}
-        for _ in range(config.epochs):
-            order = torch.randperm(n, generator=generator).to(self.device)
-            for start in range(0, n, minibatch):
-                chunk = order[start : start + minibatch]
-                totals = {
-                    "num_sequences": len(chunk),
-                    "num_tokens": mask[chunk].sum(),
-                    "max_length": max_length,
-                }
-                self.optimizer.zero_grad(set_to_none=True)
-                step_loss = step_kl = 0.0
-                for micro_start in range(0, len(chunk), micro):
-                    index = chunk[micro_start : micro_start + micro]
-                    sub = batch.select(index)
-                    steps, sub_mask = sub.response_mask.shape[1], sub.response_mask
-                    new = response_forward(self.policy, sub, temperature=config.temperature)
+        for chunk, (sequences, tokens) in zip(chunks, totals):
+            # (A minibatch of padding rows alone has no sequence: its loss is 0, not 0 / 0.)
+            step_totals = {
+                "num_sequences": max(sequences, 1.0),
+                "num_tokens": tokens,
+                "max_length": max_length,
+            }
+            self.optimizer.zero_grad(set_to_none=True)
+            step_loss = step_kl = 0.0
+            micro_starts = range(0, len(chunk), micro)
+            for micro_start in micro_starts:
+                index = chunk[micro_start : micro_start + micro]
+                sub = batch.select(index)
+                steps = sub.response_mask.shape[1]
+                sub_mask = mask[index, :steps]
+                with gradient_sync(self._trainer, micro_start == micro_starts[-1]):
+                    new = response_forward(self._trainer, sub, temperature=config.temperature)
                     loss, loss_stats = self.policy_loss(
                         new.logprobs,
                         old_logprobs[index, :steps],
                         advantages[index, :steps],
                         sub_mask,
-                        **totals,
+                        **step_totals,
                     )
                     step_loss += float(loss.detach())
                     if ref_logprobs is not None:
                         kl_t = kl_penalty(new.logprobs, ref_logprobs[index, :steps], config.kl_estimator)
-                        kl_loss = aggregate_loss(kl_t, sub_mask, self.kl_aggregation, **totals)
+                        kl_loss = aggregate_loss(kl_t, sub_mask, self.kl_aggregation, **step_totals)
                         loss = loss + config.kl_coef * kl_loss
                         step_kl += float(kl_loss.detach())
-                    loss.backward()
-                    for key, value in loss_stats.items():
-                        append_stat(stats, key, value)
-                append_stat(stats, "policy_loss", step_loss)
-                if ref_logprobs is not None:
-                    append_stat(stats, "kl_loss", step_kl)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable_parameters(self.policy), config.max_grad_norm
-                )
-                append_stat(stats, "grad_norm", grad_norm)
-                self.optimizer.step()
-                self.optimizer_steps += 1
+                    # DDP (and FSDP2) average the ranks' gradients; this rank's share of the sum is N x its own.
+                    (loss * world).backward()
+                for key, value in loss_stats.items():
+                    append_stat(stats, key, value)
+            # Each rank holds its share of the minibatch loss: N x the share, averaged over ranks, is the sum.
+            append_stat(stats, "policy_loss", step_loss * world)
+            if ref_logprobs is not None:
+                append_stat(stats, "kl_loss", step_kl * world)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable_parameters(self.policy), config.max_grad_norm
+            )
+            append_stat(stats, "grad_norm", grad_norm)
+            self.optimizer.step()
+            self.optimizer_steps += 1
         self.scheduler.step()
         self.update += 1
-        rewards = self.sequence_rewards(trajectories)
-        out = {key: float(np.mean(values)) for key, values in stats.items()}
+        out = all_reduce_means({key: float(np.mean(values)) for key, values in stats.items()}, self.device)
+        out.update(self._episode_stats(trajectories, real, mask, entropy, advantages))
         out.update(
-            score=float(np.mean(trajectories.scores)),
-            kl=float(np.nanmean(trajectories.kl)) if np.isfinite(trajectories.kl).any() else float("nan"),
-            reward=float(rewards.mean()),
-            response_length=float(np.mean(trajectories.lengths)),
-            entropy=float(masked_mean(entropy, mask)),
-            advantage_mean=float(masked_mean(advantages, mask)),
-            advantage_std=float(torch.sqrt(masked_mean(advantages**2, mask))),
-            update_tokens_per_s=int(mask.sum()) * config.epochs / max(time.perf_counter() - start_time, 1e-9),
+            update_tokens_per_s=out.pop("tokens")
+            * config.epochs
+            / max(time.perf_counter() - start_time, 1e-9),
             learning_rate=float(self.scheduler.get_last_lr()[0]),
         )
         return out
+
+    def _episode_stats(
+        self,
+        trajectories: Trajectories,
+        real: int,
+        mask: torch.Tensor,
+        entropy: torch.Tensor,
+        advantages: torch.Tensor,
+    ) -> dict[str, float]:
+        """Score, KL, reward and length per episode, entropy and advantage moments per token, over the
+        episodes of every rank that carry loss (one collective)."""
+        maskf = mask.to(torch.float32)
+        kl = trajectories.kl[:real][np.isfinite(trajectories.kl[:real])]
+        sums = all_reduce_sums(
+            {
+                "score": float(trajectories.scores[:real].sum()),
+                "episodes": real,
+                "kl": float(kl.sum()),
+                "kl_count": len(kl),
+                "reward": float(self.sequence_rewards(trajectories)[:real].sum()) if real else 0.0,
+                "length": float(trajectories.lengths[:real].sum()),
+                "tokens": float(maskf.sum()),
+                "entropy": float((entropy * maskf).sum()),
+                "advantage": float((advantages * maskf).sum()),
+                "advantage_sq": float((advantages**2 * maskf).sum()),
+            },
+            self.device,
+        )
+        episodes, tokens = max(sums["episodes"], 1.0), max(sums["tokens"], 1.0)
+        return {
+            "score": sums["score"] / episodes,
+            "kl": sums["kl"] / sums["kl_count"] if sums["kl_count"] else float("nan"),
+            "reward": sums["reward"] / episodes,
+            "response_length": sums["length"] / episodes,
+            "entropy": sums["entropy"] / tokens,
+            "advantage_mean": sums["advantage"] / tokens,
+            "advantage_std": float(np.sqrt(sums["advantage_sq"] / tokens)),
+            "tokens": sums["tokens"],
+        }
 
     # ------------------------------------------------------------------------------------- the loop
     def train(
@@ -538,6 +683,12 @@ class PGAgent:
         resumed from a checkpoint continues exactly as the uninterrupted run. Returns the per-update
         diagnostics (score, kl, reward, advantage statistics, policy and KL losses, clipfrac, approx_kl,
         entropy, grad_norm, sampled_tokens, throughput).
+
+        On N processes every rank calls it with its own environment (:meth:`make_env` shards the prompts) and
+        samples its share of every update with its own seeds (:func:`llm_env.distributed.rank_seed`); the
+        token budget counts every rank's tokens, so all ranks stop after the same update, every rank returns
+        the same global statistics, and only rank 0 writes TensorBoard logs, the progress bar and the
+        checkpoint files.
         """
         config = self.config
         if total_updates is None and total_tokens is None:
@@ -557,7 +708,8 @@ class PGAgent:
             warmup_steps=config.warmup_updates,
             completed_steps=self.update,
         )
-        writer = tensorboard_writer(config.log_dir)
+        main = is_main_process()
+        writer = tensorboard_writer(config.log_dir) if main else None
         history = []
         by_tokens = total_updates is None
         bar = tqdm(
@@ -565,17 +717,20 @@ class PGAgent:
             initial=self.sampled_tokens if by_tokens else self.update,
             desc=self.algorithm,
             unit="tok" if by_tokens else "it",
-            disable=not config.progress,
+            disable=not config.progress or not main,
         )
         while (total_updates is None or self.update < total_updates) and (
             total_tokens is None or self.sampled_tokens < total_tokens
         ):
-            self._generator.manual_seed(config.seed * 1_000_003 + self.update)
+            self._generator.manual_seed(rank_seed(config.seed * 1_000_003 + self.update))
             self.policy.eval()
             start = time.perf_counter()
-            trajectories = self.rollout(env)
+            with full_parameters(self.policy):  # FSDP2: every rank decodes at its own pace
+                trajectories = self.rollout(env)
             rollout_time = time.perf_counter() - start
-            tokens = int(trajectories.extras.get("sampled_tokens", trajectories.num_tokens))
+            # Every rank's tokens, so that all ranks spend the same budget and stop after the same update.
+            local = trajectories.extras.get("sampled_tokens", trajectories.num_tokens)
+            tokens = int(all_reduce_sums({"tokens": local}, self.device)["tokens"])
             self.sampled_tokens += tokens
             stats = self.learn(trajectories)
             stats.update(
@@ -606,7 +761,8 @@ class PGAgent:
     # -------------------------------------------------------------------------------- checkpointing
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
         """Save policy (LoRA adapters only with LoRA), optimizer, scheduler, RNG states, the update and
-        sampled-token counters and the config, atomically."""
+        sampled-token counters and the config, atomically. On N processes every rank calls it and rank 0
+        writes (the full weights, and every rank's RNG state)."""
         return save_training_state(
             path,
             modules={"policy": self.policy},
@@ -620,6 +776,7 @@ class PGAgent:
                 "config": jsonable(dataclasses.asdict(self.config)),
             },
             trainable_only=bool(self.config.lora_rank),
+            optimizer_model=self._trainer,
         )
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -633,12 +790,17 @@ class PGAgent:
             )
         self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
         state = load_training_state(
-            path, modules={"policy": self.policy}, optimizer=self.optimizer, scheduler=self.scheduler
+            path,
+            modules={"policy": self.policy},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_model=self._trainer,
         )
         self.update = int(state["update"])
         self.sampled_tokens = int(state["sampled_tokens"])
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer."""
+        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes every
+        rank calls it and rank 0 writes)."""
         save_policy(self.policy, self.tokenizer, path)

@@ -346,7 +346,11 @@ class SequenceBatch:
 
     def select(self, index: torch.Tensor | np.ndarray | Sequence[int]) -> SequenceBatch:
         """A sub-batch (rows ``index``), trimmed to its own longest sequence."""
-        index = torch.as_tensor(np.asarray(index), dtype=torch.long, device=self.input_ids.device)
+        if not isinstance(
+            index, torch.Tensor
+        ):  # np.asarray would fail on a CUDA tensor (the trainers' indices)
+            index = np.asarray(index)
+        index = torch.as_tensor(index, dtype=torch.long, device=self.input_ids.device)
         mask = self.attention_mask[index]
         width = int(mask.sum(dim=1).max())
         steps = int(self.response_mask[index].sum(dim=1).max())

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from agents.losses import masked_whiten
 from agents.pg import PGAgent, PGConfig, clip_loss, group_view
 from agents.rollout import Trajectories
+from llm_env.distributed import global_masked_whiten
 
 __all__ = ["ReinforcePPAgent", "ReinforcePPConfig", "reinforce_pp_advantages", "reinforce_pp_loss"]
 
@@ -63,7 +63,11 @@ def reinforce_pp_advantages(
 ) -> torch.Tensor:
     """(N, T) per-token rewards -> (N, T) advantages: returns-to-go ``G_t = r_t + gamma G_{t+1}``,
     whitened over every real token of the batch. ``baseline`` (N,) is subtracted from each response's last
-    reward first (the -baseline variant: the group's mean score)."""
+    reward first (the -baseline variant: the group's mean score).
+
+    On N processes the batch is every rank's: the mean and variance are those of all ranks' tokens
+    (:func:`llm_env.distributed.global_masked_whiten`, a collective that every rank calls), not per rank;
+    in one process it is :func:`agents.losses.masked_whiten` bit for bit."""
     maskf = mask.to(rewards.dtype)
     rewards = rewards * maskf
     if baseline is not None:
@@ -74,7 +78,7 @@ def reinforce_pp_advantages(
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running
         returns[:, t] = running
-    return masked_whiten(returns * maskf, mask)
+    return global_masked_whiten(returns * maskf, mask)
 
 
 def reinforce_pp_loss(

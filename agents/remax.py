@@ -10,7 +10,9 @@ specific estimate of how well the policy already does::
 
 R is the environment's return, so with the KL in the reward the greedy response pays its KL too. The greedy
 responses are generated through the same environment (their tokens count towards the token budget). With
-several epochs or minibatches the per-token ratio is clipped as in PPO, summed over the response.
+several epochs or minibatches the per-token ratio is clipped as in PPO, summed over the response. On N
+processes each rank decodes the greedy responses of its own prompts (no collective inside the rollout, so
+the ranks stay in lockstep) and the logged greedy score is the mean over every rank's prompts.
 
 Reading order: :class:`ReMaxConfig`, :func:`remax_advantages`, :func:`remax_loss`, :class:`ReMaxAgent`.
 """
@@ -27,6 +29,7 @@ from agents.pg import PGAgent, PGConfig, clip_loss
 from agents.policy import TokenSampler
 from agents.rollout import Trajectories, collect_episodes
 from llm_env import TextGenVectorEnv
+from llm_env.distributed import all_reduce_sums, rank_seed
 
 __all__ = ["ReMaxAgent", "ReMaxConfig", "remax_advantages", "remax_loss"]
 
@@ -106,11 +109,12 @@ class ReMaxAgent(PGAgent):
             env,
             self.greedy_sampler,
             len(prompts),
-            seed=self.config.seed + self.update,
+            seed=rank_seed(self.config.seed + self.update),
             prompt_indices=prompts,
         )
         trajectories.extras["greedy_returns"] = greedy.returns
         trajectories.extras["greedy_score"] = float(np.mean(greedy.scores))
+        trajectories.extras["greedy_episodes"] = len(greedy)
         trajectories.extras["sampled_tokens"] += greedy.num_tokens
         return trajectories
 
@@ -137,6 +141,9 @@ class ReMaxAgent(PGAgent):
 
     def learn(self, trajectories: Trajectories) -> dict[str, float]:
         stats = super().learn(trajectories)
-        if "greedy_score" in trajectories.extras:
-            stats["greedy_score"] = trajectories.extras["greedy_score"]
+        extras = trajectories.extras
+        if "greedy_score" in extras:  # the mean over every rank's greedy responses (one collective)
+            count = extras.get("greedy_episodes", 1)
+            sums = all_reduce_sums({"score": extras["greedy_score"] * count, "count": count}, self.device)
+            stats["greedy_score"] = sums["score"] / sums["count"]
         return stats

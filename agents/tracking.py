@@ -6,16 +6,19 @@ from typing import Any
 
 import torch
 
-__all__ = ["append_stat", "jsonable", "tensorboard_writer"]
+__all__ = ["append_stat", "jsonable", "scalar", "tensorboard_writer"]
+
+
+def scalar(value: Any) -> float:
+    """A float from a number or a 0-d tensor (detached; a DTensor such as FSDP2's gradient norm is gathered)."""
+    if hasattr(value, "full_tensor"):  # a DTensor (FSDP2's gradient norm)
+        value = value.full_tensor()
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def append_stat(stats: dict[str, list[float]], key: str, value: Any) -> None:
     """Append one value (a float or a 0-d tensor, detached) to the list ``stats[key]``."""
-    if hasattr(value, "full_tensor"):  # a DTensor (FSDP2's gradient norm)
-        value = value.full_tensor()
-    stats.setdefault(key, []).append(
-        float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    )
+    stats.setdefault(key, []).append(scalar(value))
 
 
 def jsonable(value: Any) -> Any:

@@ -17,8 +17,8 @@ the prompts and computes rewards and KL locally. Only gradients and a few statis
   saving;
 * **statistics**: :func:`global_masked_mean` / :func:`global_masked_var` / :func:`global_masked_whiten`
   reduce over the tokens of every rank (advantage whitening must use the global mean and variance, not
-  the mean of per-rank statistics), :func:`all_reduce_sum`, :func:`all_reduce_means` and
-  :func:`all_gather_objects` move the rest.
+  the mean of per-rank statistics), :func:`all_reduce_sum`, :func:`all_reduce_sums`,
+  :func:`all_reduce_means` and :func:`all_gather_objects` move the rest.
 
 Every helper is a no-op in a single process (the results are then bit for bit those of the local
 formulas), so the same code runs on a laptop and on many GPUs. Applying this to a trainer takes a few
@@ -55,6 +55,7 @@ __all__ = [
     "all_gather_objects",
     "all_reduce_means",
     "all_reduce_sum",
+    "all_reduce_sums",
     "barrier",
     "check_divisible",
     "data_parallel",
@@ -218,14 +219,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sums(values: Mapping[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """The sum over ranks of every value (one collective for all of them, in float64); the values in one
+    process. Every rank must pass the same keys."""
+    if not (is_distributed() and world_size() > 1) or not values:
+        return {k: float(v) for k, v in values.items()}
+    keys = sorted(values)
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    all_reduce_sum(stacked)
+    return dict(zip(keys, stacked.tolist()))
+
+
 def all_reduce_means(values: Mapping[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
     """The mean over ranks of every value (one collective for all of them); the values in one process."""
     if not (is_distributed() and world_size() > 1) or not values:
         return dict(values)
-    keys = sorted(values)
-    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    all_reduce_sum(stacked)
-    return {k: float(v) / world_size() for k, v in zip(keys, stacked.tolist())}
+    return {k: v / world_size() for k, v in all_reduce_sums(values, device).items()}
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -156,6 +156,33 @@ def launch_ranks(script, *args, nproc=2, timeout=300, cwd=None):
     return process.returncode, output
 
 
+@pytest.fixture
+def fail_after():
+    """``with fail_after(seconds): ...`` fails the test if the block (e.g. an in-process ``elastic_launch``)
+    runs longer than ``seconds``, instead of hanging, and kills the worker processes it left behind."""
+    import contextlib
+    import multiprocessing
+    import signal
+
+    @contextlib.contextmanager
+    def guard(seconds: int):
+        def expire(signum, frame):
+            raise TimeoutError(f"did not finish within {seconds} s (a hang?)")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+            for child in multiprocessing.active_children():  # the launcher's workers, if it was interrupted
+                child.kill()
+                child.join(5)
+
+    return guard
+
+
 @pytest.fixture(scope="session")
 def torchrun():
     """:func:`launch_ranks`: run a script on N gloo processes under torchrun, failing (not hanging) on timeout."""

@@ -55,7 +55,7 @@ from agents import (
 )
 from agents.pg import PGAgent, PGConfig
 from llm_env import TextGenEnv, TokenActions
-from llm_env.distributed import shard_prompts
+from llm_env.distributed import shard_prompts, world_size
 from rlhf_bench.leaderboard.harness import BenchmarkContext, TrainingCurve, register_agent
 
 __all__ = ["RandomAgent", "SB3Agent", "pg_run", "ppo_run"]
@@ -116,6 +116,21 @@ def _ppo_config(ctx: BenchmarkContext, kl_coef: float, name: str) -> PPOConfig:
     )
 
 
+def _rank_envs(ctx: BenchmarkContext) -> int:
+    """Sub-environments of this rank: the settings' ``num_envs`` is the total over the ``--nproc`` processes,
+    so N ranks step as many episodes at once as one process does (a rank with more sub-environments than its
+    share of a PPO rollout would score responses it then discards)."""
+    return max(1, ctx.settings.num_envs // world_size())
+
+
+def _train_env(ctx: BenchmarkContext, **kwargs: Any) -> Any:
+    """The training environment: on N processes (``llm-env benchmark --nproc``) this rank's share of the
+    prompts and of the sub-environments."""
+    num_envs = _rank_envs(ctx)
+    prompts = shard_prompts(ctx.artifacts.train_prompts, num_envs=num_envs, seed=ctx.settings.seed)
+    return ctx.make_env(prompts=prompts, num_envs=num_envs, **kwargs)
+
+
 def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, policy: Any = None) -> PPOAgent:
     """Train PPO at ``kl_coef`` until it has sampled ``token_budget`` response tokens, evaluating on held-out
     prompts along training (:class:`~rlhf_bench.leaderboard.harness.TrainingCurve`) so that gold, proxy and
@@ -123,9 +138,7 @@ def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, policy: Any = None
     agent = PPOAgent(
         policy if policy is not None else ctx.load_policy(), ctx.tokenizer, _ppo_config(ctx, kl_coef, name)
     )
-    # On N processes (llm-env benchmark --nproc) each rank trains on its own share of the prompts.
-    train = shard_prompts(ctx.artifacts.train_prompts, num_envs=ctx.settings.num_envs, seed=ctx.settings.seed)
-    env = ctx.make_env(kl_coef=kl_coef, reference="sft", prompts=train)
+    env = _train_env(ctx, kl_coef=kl_coef, reference="sft")
     budget, episodes = ctx.settings.token_budget, ctx.settings.ppo_episodes
     curve = TrainingCurve(ctx, name, agent, budget=budget)
     curve.start()
@@ -182,7 +195,8 @@ def pg_run(
     )
     options.update(overrides)
     agent = agent_class(ctx.load_policy(), ctx.tokenizer, config_class(**options), reference=ctx.reference)
-    env = ctx.make_env(
+    env = _train_env(
+        ctx,
         kl_coef=agent.env_kl_coef(),
         kl_estimator=agent.config.kl_estimator,
         autoreset_mode=AutoresetMode.DISABLED,
@@ -438,7 +452,7 @@ def online_dpo_agent(ctx: BenchmarkContext) -> OnlineDPOAgent:
         progress=ctx.progress,
     )
     agent = OnlineDPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
-    env = ctx.make_env(kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED)
+    env = _train_env(ctx, kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED)
     curve = TrainingCurve(ctx, "online-dpo", agent, budget=s.token_budget)
     curve.start()
     history = agent.train(env, total_tokens=s.token_budget, callback=curve)

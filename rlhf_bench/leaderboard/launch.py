@@ -1,6 +1,7 @@
 """``llm-env benchmark --nproc N``: train the data-parallel entries on N local processes.
 
-PPO (and its beta sweep) and rejection sampling train on N processes started by torchrun's own launcher
+PPO (and its beta sweep), rejection sampling, the critic-free policy-gradient rows (GRPO, Dr. GRPO, DAPO,
+GSPO, RLOO, REINFORCE++, ReMax) and both DPO rows train on N processes started by torchrun's own launcher
 API (:func:`torch.distributed.launcher.api.elastic_launch`: a local rendezvous on a free port, no
 restarts, every worker stopped as soon as one fails). Each worker loads the benchmark's cached artifacts,
 trains the entry with its share of the data (:mod:`llm_env.distributed`), and rank 0 saves the trained
@@ -12,6 +13,7 @@ of such a row includes starting the workers and loading the models.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import tempfile
 import uuid
@@ -32,7 +34,20 @@ from rlhf_bench.leaderboard.settings import BenchmarkSettings
 
 __all__ = ["DATA_PARALLEL_ENTRIES", "TrainingJob", "train_on_processes"]
 
-DATA_PARALLEL_ENTRIES = ("ppo", "rejection-sampling")
+DATA_PARALLEL_ENTRIES = (
+    "ppo",
+    "rejection-sampling",
+    "grpo",
+    "grpo-kl-loss",
+    "rloo",
+    "dr-grpo",
+    "dapo",
+    "gspo",
+    "reinforce-pp",
+    "remax",
+    "dpo",
+    "online-dpo",
+)
 """Leaderboard entries that ``--nproc`` trains on several processes (PPO's beta sweep runs follow "ppo")."""
 
 
@@ -117,5 +132,10 @@ def _train(job: TrainingJob, directory: str) -> dict[str, Any]:
     else:
         agent = registered_agents()[job.entry].factory(ctx)
     save_policy(agent.policy, ctx.tokenizer, directory)  # every rank calls it, rank 0 writes
+    records = {**ctx.records.get(job.entry, {}), "reward_calls": ctx.reward.calls}
+    # Free the DDP/FSDP wrappers while the process group still exists: a gloo group destroyed under a live
+    # DDP reducer leaves its destructor (run later, at garbage collection) joining threads that never end.
+    del agent, ctx
+    gc.collect()
     shutdown_distributed()
-    return {**ctx.records.get(job.entry, {}), "reward_calls": ctx.reward.calls}
+    return records

@@ -27,6 +27,7 @@ def test_without_a_launcher_everything_is_local():
         model(torch.ones(1, 3)).sum().backward()
     assert model.weight.grad is not None
     assert D.all_reduce_means({"a": 1.5}) == {"a": 1.5} and D.all_gather_objects({"x": 1}) == [{"x": 1}]
+    assert D.all_reduce_sums({"a": 2, "b": 0.5}) == {"a": 2.0, "b": 0.5}
     assert D.full_state_dict(model, trainable_only=True).keys() == {"weight", "bias"}
 
 

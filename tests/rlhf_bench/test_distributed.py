@@ -1,5 +1,6 @@
 """The command line on N processes: ``torchrun --nproc-per-node 2 -m rlhf_bench ppo ...`` (gloo, CPU) and
-``llm-env benchmark --nproc 2``. Launches have a timeout that fails the test instead of hanging."""
+``llm-env benchmark --nproc 2`` (PPO and rejection sampling; GRPO and DPO, on the session's tiny artifacts).
+Launches have a timeout that fails the test instead of hanging."""
 
 from __future__ import annotations
 
@@ -51,18 +52,19 @@ def test_ppo_command_under_torchrun_trains_writes_once_and_resumes(models, torch
     assert code != 0 and "6 prompts cannot give 2 ranks x 4 envs a disjoint shard each" in output
 
 
-def test_benchmark_trains_ppo_and_rejection_sampling_on_two_processes(tmp_path):
+def test_benchmark_trains_ppo_and_rejection_sampling_on_two_processes(tmp_path, tiny_cache, fail_after):
     settings = BenchmarkSettings.tiny(sweep_kl_coefs=())
-    result = run_benchmark(
-        settings,
-        agents=["ppo", "rejection-sampling"],
-        device="cpu",
-        out_dir=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-        progress=False,
-        log=lambda _: None,
-        nproc=2,
-    )
+    with fail_after(600):
+        result = run_benchmark(
+            settings,
+            agents=["ppo", "rejection-sampling"],
+            device="cpu",
+            out_dir=tmp_path / "out",
+            cache_dir=tiny_cache[0],
+            progress=False,
+            log=lambda _: None,
+            nproc=2,
+        )
     rows = {row.agent: row for row in result.rows}
     assert {"sft", "ppo", "rejection-sampling"} <= set(rows)
     for name in ("ppo", "rejection-sampling"):
@@ -79,6 +81,32 @@ def test_benchmark_trains_ppo_and_rejection_sampling_on_two_processes(tmp_path):
     assert rows["ppo"].reward_calls == settings.ppo_episodes * len(ppo["history"])
     assert rows["ppo"].gradient_steps == ppo["history"][-1]["optimizer_steps"] > 0
     assert len(result.records["rejection-sampling"]["history"]) == settings.rs_rounds
+
+
+def test_benchmark_trains_grpo_and_dpo_on_two_processes(tmp_path, tiny_cache, fail_after):
+    """``llm-env benchmark --nproc 2 --agents sft,grpo,dpo --tiny``: the critic-free and DPO rows train on 2
+    processes (the workers run their row factories) and are evaluated here."""
+    settings = BenchmarkSettings.tiny(sweep_kl_coefs=())
+    with fail_after(600):
+        result = run_benchmark(
+            settings,
+            agents=["sft", "grpo", "dpo"],
+            device="cpu",
+            out_dir=tmp_path / "out",
+            cache_dir=tiny_cache[0],
+            progress=False,
+            log=lambda _: None,
+            nproc=2,
+        )
+    rows = {row.agent: row for row in result.rows}
+    assert {"sft", "grpo", "dpo"} <= set(rows)
+    for name in ("grpo", "dpo"):
+        assert 0.0 <= rows[name].win_rate <= 1.0 and rows[name].kl > 0  # trained, evaluated here
+    grpo = result.records["grpo"]  # the workers' records came back
+    spent = [0] + [h["sampled_tokens"] for h in grpo["history"]]
+    assert grpo["sampled_tokens"] == spent[-1] >= settings.token_budget > spent[-2]  # both ranks' tokens
+    dpo = result.records["dpo"]  # every batch dealt across the ranks: as many steps as in one process
+    assert len(dpo["history"]) == settings.dpo_epochs * -(-dpo["pairs"] // settings.dpo_batch_size)
 
 
 def test_bench_throughput_under_torchrun_counts_every_rank(tmp_path, torchrun):
