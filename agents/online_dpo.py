@@ -203,6 +203,8 @@ class OnlineDPOAgent:
         """Response tokens sampled so far (what a token budget counts)."""
         self.ties = 0
         """Pairs skipped so far because the reward model scored both responses the same."""
+        self.optimizer_steps = 0
+        """Optimizer (gradient) steps taken so far (an update of ties only takes none)."""
         self.pad_id = pad_token_id(self.tokenizer)
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
@@ -347,6 +349,7 @@ class OnlineDPOAgent:
                         trainable_parameters(self.policy), config.max_grad_norm
                     )
                     self.optimizer.step()
+                    self.optimizer_steps += 1
                     for key, value in {"loss": loss, **loss_stats}.items():
                         shares.setdefault(key, []).append(scalar(value) * weight)
                     grad_norms.append(scalar(grad_norm))
@@ -361,6 +364,7 @@ class OnlineDPOAgent:
             stats["grad_norm"] = float(np.mean(grad_norms))
         stats.update(
             sampled_tokens=float(self.sampled_tokens),
+            optimizer_steps=float(self.optimizer_steps),
             learning_rate=float(self.scheduler.get_last_lr()[0]),
             update_seconds=time.perf_counter() - start_time,
         )
@@ -512,6 +516,7 @@ class OnlineDPOAgent:
                 "update": self.update,
                 "sampled_tokens": self.sampled_tokens,
                 "ties": self.ties,
+                "optimizer_steps": self.optimizer_steps,
                 "config": jsonable(dataclasses.asdict(self.config)),
             },
             trainable_only=bool(self.config.lora_rank),
@@ -531,6 +536,7 @@ class OnlineDPOAgent:
         self.update = int(state["update"])
         self.sampled_tokens = int(state["sampled_tokens"])
         self.ties = int(state["ties"])
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes every

@@ -309,6 +309,8 @@ class PPOAgent:
         self.update = 0
         self.sampled_tokens = 0
         """Response tokens sampled in the rollouts so far (the budget ``train(total_tokens=...)`` spends)."""
+        self.optimizer_steps = 0
+        """Optimizer (gradient) steps taken so far, over all updates."""
         self.pad_id = pad_token_id(self.tokenizer)
         self._generator = torch.Generator(device=device).manual_seed(config.seed)
         self.sampler = TokenSampler(
@@ -479,6 +481,7 @@ class PPOAgent:
                 append_stat(stats, "grad_norm", grad_norm)
                 self.optimizer.step()
                 optimizer_step += 1
+                self.optimizer_steps += 1
         self.scheduler.step()
         self.update += 1
         out = all_reduce_means({key: float(np.mean(values)) for key, values in stats.items()}, self.device)
@@ -585,6 +588,7 @@ class PPOAgent:
                 / max(rollout_time, 1e-9),
                 update=self.update,
                 sampled_tokens=self.sampled_tokens,
+                optimizer_steps=self.optimizer_steps,
             )
             history.append(stats)
             if writer is not None:
@@ -614,6 +618,7 @@ class PPOAgent:
             state={
                 "update": self.update,
                 "sampled_tokens": self.sampled_tokens,
+                "optimizer_steps": self.optimizer_steps,
                 "kl_controller": self.kl_controller.state_dict(),
                 "config": jsonable(dataclasses.asdict(self.config)),
             },
@@ -633,6 +638,7 @@ class PPOAgent:
         )
         self.update = int(state["update"])
         self.sampled_tokens = int(state.get("sampled_tokens", 0))
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.kl_controller.load_state_dict(state["kl_controller"])
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -172,6 +172,10 @@ class RejectionSamplingAgent:
         self.policy = model
         self.pool: list[dict[str, Any]] = []
         self.round = 0
+        self.sampled_tokens = 0
+        """Response tokens sampled so far by every rank, the KL-measurement draws included."""
+        self.optimizer_steps = 0
+        """Fine-tuning (gradient) steps taken so far, over all rounds."""
         self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
 
@@ -265,6 +269,7 @@ class RejectionSamplingAgent:
         tokens = sum(share[4] for share in shares)
         elapsed = max(share[5] for share in shares)
         kl_measured = None
+        measured_tokens = 0  # sampled for the KL measurement only
         if config.kl_groups >= 2 and config.kl_prompts:
             # More draws for a few prompts, only to measure the best-of-k KL (not used for selection).
             rows = min(config.kl_prompts, len(prompts))
@@ -273,8 +278,12 @@ class RejectionSamplingAgent:
             )
             extra_scores = np.zeros((rows, config.k * (config.kl_groups - 1)))
             local = extra.scores.reshape(len(extra_positions), -1) if extra is not None else extra_scores[:0]
-            for share_positions, share_scores in all_gather_objects((extra_positions, local)):
+            extra_tokens = int(extra.lengths.sum()) if extra is not None else 0
+            for share_positions, share_scores, share_tokens in all_gather_objects(
+                (extra_positions, local, extra_tokens)
+            ):
                 extra_scores[share_positions] = share_scores
+                measured_tokens += share_tokens
             pooled = np.concatenate([scores[:rows], extra_scores], axis=1)
             kl_measured = best_of_k_kl(pooled, config.k)
         self.pool = [*self.pool, *best] if config.pool == "accumulate" else best
@@ -283,6 +292,8 @@ class RejectionSamplingAgent:
         self.policy, sft_metrics = sft_train(self.policy, examples, sft)
         self.policy.eval()
         self.round += 1
+        self.sampled_tokens += tokens + measured_tokens
+        self.optimizer_steps += int(sft_metrics["steps"])
         stats = {
             "round": float(self.round),
             "sample_score": float(scores.mean()),
@@ -291,6 +302,8 @@ class RejectionSamplingAgent:
             "sft_loss": float(sft_metrics["epoch_loss"][-1]),
             "kl_best_of_k_theory": best_of_k_kl_theory(config.k),
             "sample_tokens_per_s": tokens / max(elapsed, 1e-9),
+            "sampled_tokens": float(self.sampled_tokens),
+            "optimizer_steps": float(self.optimizer_steps),
         }
         if kl_measured is not None:
             stats["kl_best_of_k_measured"] = kl_measured
@@ -327,6 +340,8 @@ class RejectionSamplingAgent:
             modules={"policy": self.policy},
             state={
                 "round": self.round,
+                "sampled_tokens": self.sampled_tokens,
+                "optimizer_steps": self.optimizer_steps,
                 "pool": self.pool,
                 "config": json.loads(json.dumps(dataclasses.asdict(self.config), default=str)),
             },
@@ -337,6 +352,8 @@ class RejectionSamplingAgent:
         """Restore a checkpoint written by :meth:`save_checkpoint` (same model source)."""
         state = load_training_state(path, modules={"policy": self.policy})
         self.round = int(state["round"])
+        self.sampled_tokens = int(state.get("sampled_tokens", 0))
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
         self.pool = list(state["pool"])
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -7,7 +7,12 @@ environment and prompts, pays the same KL (the environment's k1 penalty with ``p
 ``grpo-kl-loss``), uses the same learning rate, rollout size (``ppo_episodes``), epochs and minibatches,
 and stops at the same budget of sampled response tokens (``token_budget``). What differs is what defines
 each algorithm: its advantage, its loss, its clip range and its sampling (groups, greedy baselines,
-dynamic sampling)."""
+dynamic sampling). Each of them, and online DPO, is evaluated along training at fractions of the budget
+(:class:`~rlhf_bench.leaderboard.harness.TrainingCurve`).
+
+Every entry records what it consumed for the leaderboard's budget columns: ``sampled_tokens`` (response
+tokens generated while training) and ``gradient_steps`` (optimizer steps); the runner adds the responses the
+proxy reward scored (``ctx.reward`` counts them)."""
 
 from __future__ import annotations
 
@@ -50,8 +55,8 @@ from agents import (
 )
 from agents.pg import PGAgent, PGConfig
 from llm_env import TextGenEnv, TokenActions
-from llm_env.distributed import is_main_process, shard_prompts
-from rlhf_bench.leaderboard.harness import BenchmarkContext, register_agent
+from llm_env.distributed import shard_prompts, world_size
+from rlhf_bench.leaderboard.harness import BenchmarkContext, TrainingCurve, register_agent
 
 __all__ = ["RandomAgent", "SB3Agent", "pg_run", "ppo_run"]
 
@@ -87,11 +92,13 @@ class SB3Agent:
 
 @register_agent("sft", description="the SFT policy, sampled at temperature 1 (the baseline)")
 def sft_agent(ctx: BenchmarkContext) -> TokenSampler:
+    ctx.record("sft", sampled_tokens=0, gradient_steps=0)
     return TokenSampler(ctx.load_policy().eval(), seed=ctx.settings.seed)
 
 
 @register_agent("random", description="uniformly random tokens")
 def random_agent(ctx: BenchmarkContext) -> RandomAgent:
+    ctx.record("random", sampled_tokens=0, gradient_steps=0)
     return RandomAgent(len(ctx.tokenizer), seed=ctx.settings.seed)
 
 
@@ -109,56 +116,43 @@ def _ppo_config(ctx: BenchmarkContext, kl_coef: float, name: str) -> PPOConfig:
     )
 
 
-def _train_shard(ctx: BenchmarkContext) -> Any:
-    """The training prompts, or on N processes (``llm-env benchmark --nproc``) this rank's share of them."""
-    return shard_prompts(ctx.artifacts.train_prompts, num_envs=ctx.settings.num_envs, seed=ctx.settings.seed)
+def _rank_envs(ctx: BenchmarkContext) -> int:
+    """Sub-environments of this rank: the settings' ``num_envs`` is the total over the ``--nproc`` processes,
+    so N ranks step as many episodes at once as one process does (a rank with more sub-environments than its
+    share of a PPO rollout would score responses it then discards)."""
+    return max(1, ctx.settings.num_envs // world_size())
+
+
+def _train_env(ctx: BenchmarkContext, **kwargs: Any) -> Any:
+    """The training environment: on N processes (``llm-env benchmark --nproc``) this rank's share of the
+    prompts and of the sub-environments."""
+    num_envs = _rank_envs(ctx)
+    prompts = shard_prompts(ctx.artifacts.train_prompts, num_envs=num_envs, seed=ctx.settings.seed)
+    return ctx.make_env(prompts=prompts, num_envs=num_envs, **kwargs)
 
 
 def ppo_run(ctx: BenchmarkContext, name: str, kl_coef: float, policy: Any = None) -> PPOAgent:
     """Train PPO at ``kl_coef`` until it has sampled ``token_budget`` response tokens, evaluating on held-out
-    prompts every ``curve_every`` updates (and at the end) so that gold, proxy and KL can be plotted along
-    training."""
+    prompts along training (:class:`~rlhf_bench.leaderboard.harness.TrainingCurve`) so that gold, proxy and
+    KL can be plotted against the sampled tokens and against each other."""
     agent = PPOAgent(
         policy if policy is not None else ctx.load_policy(), ctx.tokenizer, _ppo_config(ctx, kl_coef, name)
     )
-    # On N processes (llm-env benchmark --nproc) each rank trains on its own share of the prompts.
-    train = shard_prompts(ctx.artifacts.train_prompts, num_envs=ctx.settings.num_envs, seed=ctx.settings.seed)
-    env = ctx.make_env(kl_coef=kl_coef, reference="sft", prompts=train)
-    curve: list[dict[str, float]] = []
-    n_prompts = min(len(ctx.artifacts.eval_prompts), 64)
-
-    def point(update: int) -> None:
-        result = ctx.evaluate(agent, name, prompts=n_prompts, samples=1)
-        curve.append(
-            {
-                "update": update,
-                "kl": float(np.nanmean(result.kl)),
-                "proxy": float(np.mean(result.proxy)),
-                "gold": float(np.mean(result.gold)) if result.gold is not None else float("nan"),
-            }
-        )
-
-    main = is_main_process()  # the curve is measured by rank 0 alone (its replica acts without collectives)
-    if main:
-        point(0)
-
-    def callback(update: int, stats: dict[str, float]) -> None:
-        if main and update % ctx.settings.curve_every == 0:
-            point(update)
-
+    env = _train_env(ctx, kl_coef=kl_coef, reference="sft")
     budget, episodes = ctx.settings.token_budget, ctx.settings.ppo_episodes
+    curve = TrainingCurve(ctx, name, agent, budget=budget)
+    curve.start()
     # Every episode has at least one token, so the budget is reached by update `cap` at the latest.
     cap = -(-budget // episodes)
-    history = agent.train(env, cap, total_tokens=budget, callback=callback)
-    if main and curve[-1]["update"] != agent.update:
-        point(agent.update)
+    history = agent.train(env, cap, total_tokens=budget, callback=curve)
+    curve.finish()
     ctx.record(
         name,
         history=history,
-        curve=curve,
         kl_coef=kl_coef,
         sampled_tokens=agent.sampled_tokens,
         token_budget=budget,
+        gradient_steps=agent.optimizer_steps,
     )
     return agent
 
@@ -201,13 +195,16 @@ def pg_run(
     )
     options.update(overrides)
     agent = agent_class(ctx.load_policy(), ctx.tokenizer, config_class(**options), reference=ctx.reference)
-    env = ctx.make_env(
+    env = _train_env(
+        ctx,
         kl_coef=agent.env_kl_coef(),
         kl_estimator=agent.config.kl_estimator,
         autoreset_mode=AutoresetMode.DISABLED,
-        prompts=_train_shard(ctx),
     )
-    history = agent.train(env, total_tokens=s.token_budget)
+    curve = TrainingCurve(ctx, name, agent, budget=s.token_budget)
+    curve.start()
+    history = agent.train(env, total_tokens=s.token_budget, callback=curve)
+    curve.finish()
     ctx.record(
         name,
         history=history,
@@ -215,6 +212,7 @@ def pg_run(
         kl_in=agent.config.kl_in,
         sampled_tokens=agent.sampled_tokens,
         token_budget=s.token_budget,
+        gradient_steps=agent.optimizer_steps,
     )
     return agent
 
@@ -291,7 +289,12 @@ def rejection_sampling_agent(ctx: BenchmarkContext) -> RejectionSamplingAgent:
     agent = RejectionSamplingAgent(ctx.load_policy(), ctx.tokenizer, config)
     env = ctx.make_env(autoreset_mode=AutoresetMode.DISABLED)
     history = agent.train(env)
-    ctx.record("rejection-sampling", history=history)
+    ctx.record(
+        "rejection-sampling",
+        history=history,
+        sampled_tokens=agent.sampled_tokens,
+        gradient_steps=agent.optimizer_steps,
+    )
     return agent
 
 
@@ -317,12 +320,19 @@ def iterative_agent(ctx: BenchmarkContext) -> TokenSampler:
         ctx.load_policy(),
         ctx.tokenizer,
         ctx.artifacts.train_prompts,
-        ctx.artifacts.reward,
+        ctx.reward,
         config,
         device=ctx.device,
         max_new_tokens=s.max_new_tokens,
     )
-    ctx.record("rs-then-ppo", rejection_history=result.rejection_history, history=result.ppo_history)
+    stages = [h[-1] for h in (result.rejection_history, result.ppo_history) if h]  # cumulative counters
+    ctx.record(
+        "rs-then-ppo",
+        rejection_history=result.rejection_history,
+        history=result.ppo_history,
+        sampled_tokens=sum(int(stage["sampled_tokens"]) for stage in stages),
+        gradient_steps=sum(int(stage["optimizer_steps"]) for stage in stages),
+    )
     return TokenSampler(result.policy.eval(), seed=s.seed)
 
 
@@ -336,7 +346,7 @@ def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
     history: list[float] = []
 
     def reward(prompts: list[str], responses: list[str]) -> Any:
-        scores = ctx.artifacts.reward(prompts, responses)
+        scores = ctx.reward(prompts, responses)
         history.extend(torch.as_tensor(scores).float().cpu().tolist())
         return scores
 
@@ -369,7 +379,16 @@ def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
         verbose=0,
     )
     model.learn(total_timesteps=max(s.sb3_timesteps, n_steps * 4), progress_bar=False)
-    ctx.record("sb3-ppo", score_history=history)
+    # Every environment step samples one token; SB3's PPO takes n_epochs passes of minibatches over each
+    # rollout of n_steps x n_envs steps (no early stop: target_kl is None).
+    rollout = n_steps * envs.num_envs
+    iterations = model.num_timesteps // rollout
+    ctx.record(
+        "sb3-ppo",
+        score_history=history,
+        sampled_tokens=int(model.num_timesteps),
+        gradient_steps=iterations * model.n_epochs * -(-rollout // model.batch_size),
+    )
     return SB3Agent(model, seed=s.seed)
 
 
@@ -403,7 +422,15 @@ def dpo_agent(ctx: BenchmarkContext) -> DPOAgent:
     agent = DPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
     pairs = load_preference_pairs(*files)
     history = agent.train(pairs)
-    ctx.record("dpo", data=[f.name for f in files], pairs=len(pairs), epochs=s.dpo_epochs, history=history)
+    ctx.record(
+        "dpo",
+        data=[f.name for f in files],
+        pairs=len(pairs),
+        epochs=s.dpo_epochs,
+        history=history,
+        sampled_tokens=0,  # offline: the preference data was sampled from the SFT policy when the task was built
+        gradient_steps=agent.step,
+    )
     return agent
 
 
@@ -425,15 +452,17 @@ def online_dpo_agent(ctx: BenchmarkContext) -> OnlineDPOAgent:
         progress=ctx.progress,
     )
     agent = OnlineDPOAgent(ctx.load_policy(), ctx.tokenizer, config, reference=ctx.reference)
-    env = ctx.make_env(
-        kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED, prompts=_train_shard(ctx)
-    )
-    history = agent.train(env, total_tokens=s.token_budget)
+    env = _train_env(ctx, kl_coef=0.0, reference="sft", autoreset_mode=AutoresetMode.DISABLED)
+    curve = TrainingCurve(ctx, "online-dpo", agent, budget=s.token_budget)
+    curve.start()
+    history = agent.train(env, total_tokens=s.token_budget, callback=curve)
+    curve.finish()
     ctx.record(
         "online-dpo",
         history=history,
         sampled_tokens=agent.sampled_tokens,
         token_budget=s.token_budget,
         ties=agent.ties,
+        gradient_steps=agent.optimizer_steps,
     )
     return agent

@@ -17,8 +17,10 @@ def add_parser(subparsers: Any) -> None:
             "for the built-in review task, then trains and evaluates every registered agent on the same "
             "environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), GRPO (KL in the reward and "
             "in the loss), RLOO, rejection sampling then PPO, Stable-Baselines3 PPO and a random agent; --agents all "
-            "adds Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. Writes the leaderboard (Markdown, CSV, JSON), plots "
-            "and samples to --out."
+            "adds Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. Every score, win-rate and KL carries a 95% bootstrap "
+            "interval (over the held-out prompts, and over seeds with --seeds N), every row states what it consumed "
+            "(sampled tokens, reward-model calls, gradient steps, wall time). Writes the leaderboard (Markdown, CSV, "
+            "JSON with versions, settings and seeds), plots, samples and a self-contained report.html to --out."
         ),
     )
     size = parser.add_mutually_exclusive_group()
@@ -47,7 +49,19 @@ def add_parser(subparsers: Any) -> None:
         help="comma-separated entries to run, 'all' for every entry or 'default' for the default set "
         "(default: the default set); sft always runs",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the task, the models and the agents")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the task, the SFT policy and the reward models, and the agents' first seed (default: 0)",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        help="repeat the whole agent sweep with N independent seeds (--seed, --seed + 1, ...) on the shared SFT "
+        "policy and reward models; the intervals then cover training randomness too (default: 1 with --quick "
+        "and --tiny, 3 with --full)",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.add_argument(
         "--nproc",
@@ -76,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     if world_size() > 1:  # every rank would run the whole benchmark
         raise SystemExit("llm-env benchmark: run it in one process and pass --nproc N, not under torchrun")
 
-    settings = getattr(BenchmarkSettings, args.size)(seed=args.seed)
+    overrides = {"seeds": args.seeds} if args.seeds is not None else {}
+    settings = getattr(BenchmarkSettings, args.size)(seed=args.seed, **overrides)
     agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
     result = run_benchmark(
         settings,

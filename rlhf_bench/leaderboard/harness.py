@@ -13,7 +13,10 @@ Adding an agent to the leaderboard takes one registered function::
 
 The runner times the function (wall time), then evaluates the returned agent on the held-out prompts,
 through the same environment with the SFT model as KL reference: gold score, proxy score, KL to the SFT
-policy, gold win-rate against the SFT policy and generation throughput. ``register_agent(...,
+policy, gold win-rate against the SFT policy and generation throughput. It also states what the entry
+consumed: the responses the proxy reward scored during training (every environment of :meth:`make_env`
+and :attr:`BenchmarkContext.reward` counts them), and the sampled response tokens and gradient steps the
+factory records (``ctx.record(name, sampled_tokens=..., gradient_steps=...)``). ``register_agent(...,
 default=False)`` keeps an entry out of the default run; ``--agents all`` (or naming it) runs it.
 """
 
@@ -32,15 +35,20 @@ from torch import nn
 
 from agents.rollout import collect_episodes
 from llm_env import TextGenVectorEnv
+from llm_env.distributed import is_main_process
 from llm_env.models import load_causal_lm
 from llm_env.reward import check_scores
 from rlhf_bench.leaderboard.artifacts import Artifacts
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
+from rlhf_bench.leaderboard.stats import per_prompt_means
 
 __all__ = [
     "AgentEntry",
     "BenchmarkContext",
+    "CountingReward",
     "EvalResult",
+    "TrainingCurve",
+    "paired_wins",
     "register_agent",
     "registered_agents",
     "select_agents",
@@ -136,19 +144,57 @@ class EvalResult:
         """Episode order sorted by (prompt, sample), to pair two agents' answers to the same prompt."""
         return np.lexsort((self.sample, self.prompt_index))
 
+    @property
+    def num_prompts(self) -> int:
+        """Held-out prompts evaluated (the first ``num_prompts`` of them)."""
+        return int(self.prompt_index.max()) + 1 if len(self.prompt_index) else 0
 
-def win_rate(result: EvalResult, baseline: EvalResult, *, use_gold: bool = True) -> float:
-    """Share of prompts (and draws) where ``result`` scores above ``baseline`` (a tie counts one half)."""
+    def per_prompt(self, metric: str) -> np.ndarray:
+        """``"gold"``, ``"proxy"`` or ``"kl"`` averaged over each prompt's draws, shape ``(num_prompts,)``
+        (NaN for gold without a gold rater, and for KL when the agent reported no log-probabilities)."""
+        values = {"gold": self.gold, "proxy": self.proxy, "kl": self.kl}[metric]
+        if values is None:
+            return np.full(self.num_prompts, np.nan)
+        return per_prompt_means(values, self.prompt_index, self.num_prompts)
+
+
+def paired_wins(
+    result: EvalResult, baseline: EvalResult, *, use_gold: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(prompt_index, wins)`` over ``result``'s episodes in (prompt, draw) order: 1 where it scores above
+    the ``baseline``'s answer to the same prompt and draw, 1/2 on a tie, 0 below (NaN without scores)."""
     a, b = (result.gold, baseline.gold) if use_gold else (result.proxy, baseline.proxy)
-    if a is None or b is None:
-        return float("nan")
     ia, ib = result.order(), baseline.order()
     keys_a = list(zip(result.prompt_index[ia], result.sample[ia]))
     keys_b = list(zip(baseline.prompt_index[ib], baseline.sample[ib]))
     if keys_a != keys_b:
         raise ValueError("win_rate needs both results on the same prompts and draws")
+    if a is None or b is None:
+        return result.prompt_index[ia], np.full(len(ia), np.nan)
     diff = a[ia] - b[ib]
-    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
+    return result.prompt_index[ia], (diff > 0) + 0.5 * (diff == 0)
+
+
+def win_rate(result: EvalResult, baseline: EvalResult, *, use_gold: bool = True) -> float:
+    """Share of prompts (and draws) where ``result`` scores above ``baseline`` (a tie counts one half)."""
+    return float(np.mean(paired_wins(result, baseline, use_gold=use_gold)[1]))
+
+
+class CountingReward:
+    """The proxy reward with a count of the responses it scored: the reward-model calls of a row.
+
+    A call scores one response (the Llama 2 combination reads one of its two models per response, chosen
+    by the prompt's safety tag and the safety score); evaluation scores are not counted (the runner scores
+    the held-out responses with the wrapped reward directly)."""
+
+    def __init__(self, reward: Callable[[Sequence[str], Sequence[str]], Any]) -> None:
+        self.reward = reward
+        self.calls = 0
+        """Responses scored so far."""
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> Any:
+        self.calls += len(responses)
+        return self.reward(prompts, responses)
 
 
 @dataclass
@@ -164,6 +210,12 @@ class BenchmarkContext:
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Extra results factories leave for the report (training curves, histories), by agent name."""
     _reference: nn.Module | None = None
+    reward: CountingReward = field(init=False)
+    """The proxy reward the agents train against, counting the responses it scores. Environments of
+    :meth:`make_env` use it; a factory that builds its own environments passes ``reward=ctx.reward``."""
+
+    def __post_init__(self) -> None:
+        self.reward = CountingReward(self.artifacts.reward)
 
     # ---------------------------------------------------------------------------------- models
     def load_policy(self) -> nn.Module:
@@ -213,7 +265,7 @@ class BenchmarkContext:
         options = dict(
             prompts=texts,
             tokenizer=self.tokenizer,
-            reward=self.artifacts.reward,
+            reward=self.reward,
             reference=reference,
             kl_coef=kl_coef,
             max_new_tokens=self.settings.max_new_tokens,
@@ -279,6 +331,69 @@ class BenchmarkContext:
             tokens_per_s=float(draws.lengths.sum()) / max(seconds, 1e-9),
             seconds=seconds,
         )
+
+
+class TrainingCurve:
+    """Held-out evaluations of an agent along its training, at fractions of its sampled-token budget.
+
+    Call :meth:`start` before training (the SFT policy, 0 tokens), pass the object as the agent's
+    ``train(..., callback=...)``, and call :meth:`finish` after. After the update whose rollouts cross
+    ``k / curve_points`` of ``budget`` (k = 1 .. ``curve_points``) it evaluates the agent on the first
+    ``curve_prompts`` held-out prompts, one draw each, and adds a point for every fraction crossed (an
+    update crossing two gets one evaluation, recorded for both); every seed of a run therefore has the same
+    points, which the runner averages with their intervals. :meth:`finish` records them (``curve``, with
+    per-prompt values for the intervals) and the seconds they took (``curve_seconds``: the runner takes
+    them out of the row's wall time). On N processes only rank 0 evaluates (its replica acts alone).
+    """
+
+    def __init__(self, ctx: BenchmarkContext, name: str, agent: Any, *, budget: int) -> None:
+        if budget < 1:
+            raise ValueError(f"a training curve needs a positive token budget, got {budget}")
+        self.ctx, self.name, self.agent, self.budget = ctx, name, agent, budget
+        self.points: list[dict[str, Any]] = []
+        self.seconds = 0.0
+        self._next = 1  # the next fraction k / curve_points to cross
+        self._main = is_main_process()
+
+    def _evaluate(self, update: int, tokens: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        result = self.ctx.evaluate(self.agent, self.name, prompts=self.ctx.settings.curve_prompts, samples=1)
+        self.seconds += time.perf_counter() - start
+        return {
+            "update": update,
+            "sampled_tokens": tokens,
+            "kl": float(np.nanmean(result.kl)) if np.isfinite(result.kl).any() else float("nan"),
+            "proxy": float(np.mean(result.proxy)),
+            "gold": float(np.mean(result.gold)) if result.gold is not None else float("nan"),
+            "per_prompt": {metric: result.per_prompt(metric) for metric in ("gold", "proxy", "kl")},
+        }
+
+    def start(self) -> None:
+        """The point before training."""
+        if self._main:
+            self.points.append({"fraction": 0.0, **self._evaluate(0, 0)})
+
+    def __call__(self, update: int, stats: dict[str, float]) -> None:
+        """The agent's ``callback(update, stats)``: evaluate when the sampled tokens cross a fraction."""
+        tokens = int(stats.get("sampled_tokens", getattr(self.agent, "sampled_tokens", 0)))
+        n = self.ctx.settings.curve_points
+        crossed = []
+        while self._next <= n and tokens * n >= self._next * self.budget:
+            crossed.append(self._next)
+            self._next += 1
+        if crossed and self._main:
+            point = self._evaluate(update, tokens)
+            self.points += [{"fraction": k / n, **point} for k in crossed]
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Record the curve; a run that stopped before its budget gets its remaining points at the end."""
+        n = self.ctx.settings.curve_points
+        if self._next <= n and self._main:
+            point = self._evaluate(int(getattr(self.agent, "update", 0)), int(self.agent.sampled_tokens))
+            self.points += [{"fraction": k / n, **point} for k in range(self._next, n + 1)]
+            self._next = n + 1
+        self.ctx.record(self.name, curve=self.points, curve_seconds=self.seconds)
+        return self.points
 
 
 def _no_reward(prompts: Any, responses: Any) -> list[float]:

@@ -12,6 +12,7 @@ of such a row includes starting the workers and loading the models.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import tempfile
@@ -66,12 +67,16 @@ class TrainingJob:
     byo: bool = False
     kl_coef: float | None = None
     progress: bool = True
+    seed: int | None = None
+    """The agent's seed when it differs from ``settings.seed`` (``--seeds``: the artifacts still come from
+    ``settings``)."""
 
 
 def train_on_processes(ctx: BenchmarkContext, job: TrainingJob, nproc: int) -> TokenSampler:
     """Train ``job`` on ``nproc`` local processes; return the trained policy as an agent to evaluate.
 
-    The workers' records (training curves, histories) are added to ``ctx`` under the entry's name.
+    The workers' records (training curves, histories) are added to ``ctx`` under the entry's name, with
+    ``reward_calls``: the responses the proxy scored on all ranks together.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
@@ -90,7 +95,9 @@ def train_on_processes(ctx: BenchmarkContext, job: TrainingJob, nproc: int) -> T
             max_restarts=0,  # a failing worker stops them all; the error reaches the parent
             monitor_interval=0.5,
         )
-        records = elastic_launch(config, _train)(job, directory)[0]
+        outputs = elastic_launch(config, _train)(job, directory)
+        records = dict(outputs[0])
+        records["reward_calls"] = sum(output.pop("reward_calls") for output in outputs.values())
         ctx.record(job.entry, **records)
         policy = load_causal_lm(directory, device=ctx.device, dtype=torch.float32).eval()
     return TokenSampler(policy, seed=ctx.settings.seed)
@@ -111,9 +118,10 @@ def _train(job: TrainingJob, directory: str) -> dict[str, Any]:
         artifacts = load_byo_artifacts(**job.artifacts, settings=job.settings, device=job.device, log=log)
     else:
         artifacts = build_artifacts(job.settings, **job.artifacts, device=job.device, log=lambda _: None)
+    settings = job.settings if job.seed is None else dataclasses.replace(job.settings, seed=job.seed)
     ctx = BenchmarkContext(
         artifacts,
-        job.settings,
+        settings,
         resolve_device(job.device),
         job.out_dir,
         log=log,
@@ -124,7 +132,7 @@ def _train(job: TrainingJob, directory: str) -> dict[str, Any]:
     else:
         agent = registered_agents()[job.entry].factory(ctx)
     save_policy(agent.policy, ctx.tokenizer, directory)  # every rank calls it, rank 0 writes
-    records = ctx.records.get(job.entry, {})
+    records = {**ctx.records.get(job.entry, {}), "reward_calls": ctx.reward.calls}
     # Free the DDP/FSDP wrappers while the process group still exists: a gloo group destroyed under a live
     # DDP reducer leaves its destructor (run later, at garbage collection) joining threads that never end.
     del agent, ctx

@@ -1,4 +1,10 @@
-"""The benchmark's outputs: leaderboard (terminal, Markdown, CSV, JSON), plots, sample generations.
+"""The benchmark's outputs: leaderboard (terminal, Markdown, CSV, JSON), plots, sample generations and the
+self-contained ``report.html`` (:mod:`~rlhf_bench.leaderboard.html_report`).
+
+Every score, win-rate and KL is shown as ``mean [low, high]``, its 95% interval
+(:mod:`~rlhf_bench.leaderboard.stats`), and every row with what it consumed; ``efficiency.png`` draws the
+gold score against the sampled tokens (sample efficiency) and against the KL to the SFT policy (the
+frontier), one curve per agent with a token budget, with its interval band.
 
 The over-optimisation plot follows Gao, Schulman and Hilton (2022): gold and proxy scores against
 ``d = sqrt(KL(pi || pi_sft))``, with their functional forms fitted to the gain over the SFT policy,
@@ -16,17 +22,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["fit_best_of_n", "fit_rl", "format_table", "write_report"]
-
-COLUMNS = (
-    ("agent", "agent", "{}"),
-    ("gold", "gold score", "{:.3f}"),
-    ("proxy", "proxy score", "{:.3f}"),
-    ("kl", "KL to SFT", "{:.2f}"),
-    ("win_rate", "gold win-rate vs SFT", "{:.2f}"),
-    ("tokens_per_s", "tokens/s", "{:.0f}"),
-    ("wall_time_s", "wall time (s)", "{:.1f}"),
+from rlhf_bench.leaderboard.html_report import write_html
+from rlhf_bench.leaderboard.table import (
+    CSV_FIELDS,
+    caption,
+    format_table,
+    format_value,
+    interval_cell,
+    ranked,
 )
+
+__all__ = ["fit_best_of_n", "fit_rl", "format_table", "payload", "write_report"]
 
 
 def fit_best_of_n(d: Sequence[float], gain: Sequence[float]) -> tuple[float, float]:
@@ -47,84 +53,122 @@ def fit_rl(d: Sequence[float], gain: Sequence[float]) -> tuple[float, float]:
     return float(alpha), float(beta)
 
 
-def _fmt(value: Any, pattern: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return pattern.format(value)
+def _strip(record: dict[str, Any]) -> dict[str, Any]:
+    """A record without the per-prompt values of its curve points (they live in the intervals)."""
+    if not record.get("curve"):
+        return record
+    return {**record, "curve": [{k: v for k, v in p.items() if k != "per_prompt"} for p in record["curve"]]}
 
 
-def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
-    """The leaderboard as aligned text (or a Markdown table), best gold (else proxy) first."""
-    header = [title for _, title, _ in COLUMNS]
-    body = [[_fmt(row.get(key), pattern) for key, _, pattern in COLUMNS] for row in rows]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(cells) + " |" for cells in body]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(cells[i]) for cells in body)) for i, h in enumerate(header)]
-
-    def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(cells) for cells in body)])
+def _budgets(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"sampled_tokens": rec["sampled_tokens"], "token_budget": rec["token_budget"]}
+        for name, rec in records.items()
+        if "token_budget" in rec
+    }
 
 
-def _ranked(result: Any) -> list[dict[str, Any]]:
-    key = "gold" if result.has_gold else "proxy"
-    rows = [row.as_dict() for row in result.rows]
-    return sorted(rows, key=lambda r: -(r[key] if r[key] is not None else -math.inf))
-
-
-def write_report(result: Any, out_dir: Path, *, log: Callable[[str], None] = print) -> None:
-    """Write leaderboard.{md,csv,json}, samples.md and the PNG plots; print the table."""
-    out_dir = Path(out_dir)
-    rows = _ranked(result)
-    table = format_table(rows)
-    log("\n" + table + "\n")
-    with open(out_dir / "leaderboard.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[key for key, _, _ in COLUMNS] + ["note"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k) for k in writer.fieldnames})
-    fits = _fits(result)
-    payload = {
+def payload(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``leaderboard.json`` holds (see :func:`write_report`)."""
+    records = {name: _strip(rec) for name, rec in result.records.items()}
+    return {
         "leaderboard": rows,
+        "statistics": result.statistics,
+        "seeds": result.seeds,
         "best_of_k": result.best_of_k,
         "fits": fits,
-        "curves": {name: rec.get("curve") for name, rec in result.records.items() if rec.get("curve")},
-        "histories": {name: rec.get("history") for name, rec in result.records.items() if rec.get("history")},
-        "budgets": {
-            name: {"sampled_tokens": rec["sampled_tokens"], "token_budget": rec["token_budget"]}
-            for name, rec in result.records.items()
-            if "sampled_tokens" in rec
-        },
+        "curves": result.curves,
+        "histories": {name: rec.get("history") for name, rec in records.items() if rec.get("history")},
+        "budgets": _budgets(records),
+        "per_seed": [
+            {
+                "seed": run["seed"],
+                "leaderboard": ranked(run["rows"], result.has_gold),
+                "best_of_k": run["best_of_k"],
+                "budgets": _budgets(run["records"]),
+                "curves": {
+                    name: _strip(rec)["curve"] for name, rec in run["records"].items() if rec.get("curve")
+                },
+                "histories": {
+                    name: rec.get("history") for name, rec in run["records"].items() if rec.get("history")
+                },
+            }
+            for run in result.per_seed
+        ],
         "reward_models": {k: v for k, v in result.artifacts.items() if k.startswith("rm_")},
         "artifacts": result.artifacts,
         "settings": result.settings,
         "samples": result.samples,
         "seconds": result.seconds,
         "device": result.device,
+        "provenance": result.provenance,
     }
-    (out_dir / "leaderboard.json").write_text(json.dumps(payload, indent=2, default=_json_default))
+
+
+def write_report(result: Any, out_dir: Path, *, log: Callable[[str], None] = print) -> None:
+    """Write leaderboard.{md,csv,json}, samples.md, the PNG plots and report.html; print the table.
+
+    ``leaderboard.json`` holds the summary rows (means, 95% intervals, marks, budget columns), how the
+    intervals were computed (``statistics``), every seed's own rows, curves, budgets and histories
+    (``per_seed``), the averaged curves and best-of-k points with intervals, the Gao et al. fits, the
+    reward models' accuracies, every setting, the samples, and the versions, git commit, device and command
+    (``provenance``).
+    """
+    out_dir = Path(out_dir)
+    rows = ranked(result.rows, result.has_gold)
+    log("\n" + format_table(rows) + "\n\n" + caption(result) + "\n")
+    with open(out_dir / "leaderboard.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in CSV_FIELDS})
+    fits = _fits(result)
+    data = payload(result, rows, fits)
+    text = json.dumps(_strict(data), indent=2, default=_json_default, allow_nan=False)
+    (out_dir / "leaderboard.json").write_text(text)
     (out_dir / "leaderboard.md").write_text(_markdown(result, rows, fits))
     (out_dir / "samples.md").write_text(_samples_markdown(result.samples))
     plots = _plots(result, out_dir, fits)
+    write_html(result, rows, fits, [out_dir / name for name in plots], out_dir / "report.html")
     log(
-        f"wrote {out_dir}/leaderboard.md, .csv, .json, samples.md and {len(plots)} plots ({', '.join(plots)})"
+        f"wrote {out_dir}/leaderboard.md, .csv, .json, samples.md, report.html and {len(plots)} plots "
+        f"({', '.join(plots)})"
     )
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (and numpy scalar or array) made JSON-safe: null for a
+    number that is not one, so that any JSON parser reads the file."""
+    if isinstance(value, dict):
+        return {key: _strict(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _strict(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
 
 
+def _sft(result: Any) -> Any:
+    return next((r for r in result.rows if r.agent == "sft"), None)
+
+
 def _fits(result: Any) -> dict[str, Any]:
+    """Gao et al. (2022) forms fitted to the gains over the SFT policy (best-of-k) and over each training
+    curve's first point (RL), on the means over seeds."""
     fits: dict[str, Any] = {}
-    sft = next((r for r in result.rows if r.agent == "sft"), None)
+    sft = _sft(result)
     if sft is None:
         return fits
     if result.best_of_k:
@@ -133,14 +177,11 @@ def _fits(result: Any) -> dict[str, Any]:
             gains = [p[metric] - base for p in result.best_of_k]
             if all(math.isfinite(g) for g in gains):
                 fits[f"best_of_k_{metric}"] = dict(zip(("alpha", "beta"), fit_best_of_n(d, gains)))
-    for name, record in result.records.items():
-        curve = record.get("curve")
-        if not curve:
-            continue
-        d = [math.sqrt(max(p["kl"], 0.0)) for p in curve]
+    for name, curve in result.curves.items():
+        d = [math.sqrt(max(p["kl"], 0.0)) if math.isfinite(p["kl"]) else float("nan") for p in curve]
         for metric in ("gold", "proxy"):
             gains = [p[metric] - curve[0][metric] for p in curve]
-            if all(math.isfinite(g) for g in gains):
+            if all(math.isfinite(g) for g in gains) and all(math.isfinite(x) for x in d):
                 fits[f"{name}_{metric}"] = dict(zip(("alpha", "beta"), fit_rl(d, gains)))
     return fits
 
@@ -157,14 +198,14 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
         )
     )
     budget = result.settings.get("token_budget")
-    if budget is not None and any("sampled_tokens" in rec for rec in result.records.values()):
+    if budget is not None and any("token_budget" in rec for rec in result.records.values()):
         lines += [
             "",
-            f"Budget: every policy-optimisation agent (PPO and its sweep, the critic-free agents) stops after "
-            f"the update at which its rollouts reach {budget:,} sampled response tokens; the notes say how "
-            "many each sampled.",
+            f"Budget: every policy-optimisation agent (PPO and its sweep, the critic-free agents, online DPO) "
+            f"stops after the update at which its rollouts reach {budget:,} sampled response tokens; the "
+            "budget columns say what each row consumed.",
         ]
-    lines += ["", format_table(rows, markdown=True), ""]
+    lines += ["", format_table(rows, markdown=True), "", caption(result), ""]
     notes = [f"* **{r['agent']}**: {r['note']}" for r in rows if r.get("note")]
     if notes:
         lines += ["Notes:", "", *notes, ""]
@@ -176,19 +217,45 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
                 f"* {key}: held-out pairwise accuracy vs the noiseless gold {rm['accuracy']:.3f} ({levels})"
             )
     if result.best_of_k:
-        lines += ["", "Best-of-k: KL measured (rank estimate) vs theory `log k - (k-1)/k`:", ""]
+        lines += [
+            "",
+            "Best-of-k: KL measured (rank estimate) vs theory `log k - (k-1)/k`, with 95% intervals:",
+            "",
+        ]
         lines += ["| k | KL measured | KL theory | proxy | gold |", "|---|---|---|---|---|"]
         for p in result.best_of_k:
             lines.append(
-                f"| {p['k']} | {p['kl_measured']:.3f} | {p['kl_theory']:.3f} | {p['proxy']:.3f} | {_fmt(p['gold'], '{:.3f}')} |"
+                f"| {p['k']} | {interval_cell('kl_measured', 3)(p)} | {p['kl_theory']:.3f} | "
+                f"{interval_cell('proxy', 3)(p)} | {interval_cell('gold', 3)(p)} |"
             )
     if fits:
-        lines += ["", "Fitted Gao et al. (2022) forms (gain over the start, d = sqrt(KL)):", ""]
+        lines += [
+            "",
+            "Fitted Gao et al. (2022) forms (gain over the start, d = sqrt(KL), means over seeds):",
+            "",
+        ]
         for name, fit in fits.items():
             lines.append(f"* {name}: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}")
+    if len(result.per_seed) > 1:
+        lines += [
+            "",
+            "## Every seed",
+            "",
+            "Each seed's own rows, intervals over its evaluation prompts only.",
+            "",
+        ]
+        for run in result.per_seed:
+            lines += [
+                f"### Seed {run['seed']}",
+                "",
+                format_table(ranked(run["rows"], result.has_gold), markdown=True),
+                "",
+            ]
     lines += [
         "",
-        "Plots: `overoptimization.png`, `training.png`, `reward_models.png`. Samples: `samples.md`.",
+        "Plots: `overoptimization.png`, `efficiency.png`, `training.png`, `reward_models.png`. Samples: "
+        "`samples.md`. Everything in one page: `report.html`. Versions, git commit, device: "
+        "`leaderboard.json` (`provenance`).",
         "",
     ]
     return "\n".join(lines)
@@ -201,10 +268,34 @@ def _samples_markdown(samples: list[dict[str, Any]]) -> str:
         for name, response in entry["responses"].items():
             text = response["text"].strip().replace("|", "\\|") or "(empty)"
             lines.append(
-                f"| {name} | {text} | {_fmt(response['gold'], '{:.2f}')} | {response['proxy']:.2f} |"
+                f"| {name} | {text} | {format_value(response['gold'], '{:.2f}')} | {response['proxy']:.2f} |"
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _band(ax: Any, x: Any, points: list[dict[str, Any]], metric: str, color: Any, **kwargs: Any) -> None:
+    """A curve of ``metric`` means with its 95% interval as a shaded band (when every point has one)."""
+    y = np.array([p[metric] for p in points], dtype=float)
+    ax.plot(x, y, color=color, **kwargs)
+    low = np.array([p.get(f"{metric}_low", np.nan) for p in points], dtype=float)
+    high = np.array([p.get(f"{metric}_high", np.nan) for p in points], dtype=float)
+    if np.all(np.isfinite(low)) and np.all(np.isfinite(high)):
+        ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+
+
+def _bars(points: list[dict[str, Any]], metric: str) -> np.ndarray | None:
+    """``errorbar`` offsets (2, n) of the 95% intervals of ``metric``, or None when one is undefined."""
+    mean = np.array([p[metric] for p in points], dtype=float)
+    low = np.array([p.get(f"{metric}_low", np.nan) for p in points], dtype=float)
+    high = np.array([p.get(f"{metric}_high", np.nan) for p in points], dtype=float)
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        return None
+    return np.stack([mean - low, high - mean])
+
+
+def _is_ppo_run(name: str) -> bool:
+    return name == "ppo" or name.startswith("ppo-beta-")
 
 
 def _plots(result: Any, out_dir: Path, fits: dict[str, Any]) -> list[str]:
@@ -214,25 +305,30 @@ def _plots(result: Any, out_dir: Path, fits: dict[str, Any]) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    sft = next((r for r in result.rows if r.agent == "sft"), None)
-    curves = {name: rec["curve"] for name, rec in result.records.items() if rec.get("curve")}
+    sft = _sft(result)
+    curves = result.curves
+    interval_note = f"bands: 95% intervals ({len(result.seeds)} seed{'s' if len(result.seeds) > 1 else ''})"
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
     points = [p for p in result.best_of_k if p["k"] > 1]  # k = 1 is the SFT policy, plotted at d = 0
     if points and sft is not None:
+        start = {"gold": sft.gold, "proxy": sft.proxy}
+        start.update(
+            {f"{m}_{end}": getattr(sft, f"{m}_{end}") for m in ("gold", "proxy") for end in ("low", "high")}
+        )
         d = np.array([0.0] + [math.sqrt(p["kl_theory"]) for p in points])
         grid = np.linspace(0, d.max() * 1.05, 50)
-        for metric, base, color in (("gold", sft.gold, "tab:orange"), ("proxy", sft.proxy, "tab:blue")):
-            values = np.array([base] + [p[metric] for p in points])
-            if not np.all(np.isfinite(values)):
+        for metric, color in (("gold", "tab:orange"), ("proxy", "tab:blue")):
+            series = [start, *points]
+            if not all(math.isfinite(p[metric]) for p in series):
                 continue
-            ax.plot(d, values, "o", color=color, label=f"{metric} (measured)")
+            _band(ax, d, series, metric, color, marker="o", linestyle="none", label=f"{metric} (measured)")
             fit = fits.get(f"best_of_k_{metric}")
             if fit:
                 ax.plot(
                     grid,
-                    base + grid * (fit["alpha"] - fit["beta"] * grid),
+                    start[metric] + grid * (fit["alpha"] - fit["beta"] * grid),
                     "-",
                     color=color,
                     alpha=0.6,
@@ -245,24 +341,107 @@ def _plots(result: Any, out_dir: Path, fits: dict[str, Any]) -> list[str]:
         ax.legend(fontsize=8)
     ax = axes[1]
     cmap = plt.get_cmap("viridis")
+    ppo = {name: curve for name, curve in curves.items() if _is_ppo_run(name)}
     for i, (name, curve) in enumerate(
-        sorted(curves.items(), key=lambda kv: result.records[kv[0]].get("kl_coef", 0))
+        sorted(ppo.items(), key=lambda kv: result.records.get(kv[0], {}).get("kl_coef", 0))
     ):
-        color = cmap(i / max(1, len(curves) - 1))
+        color = cmap(i / max(1, len(ppo) - 1))
         d = np.sqrt(np.maximum([p["kl"] for p in curve], 0.0))
-        beta = result.records[name].get("kl_coef")
+        beta = result.records.get(name, {}).get("kl_coef")
         label = f"{name} (β={beta:g})" if beta is not None else name
-        ax.plot(d, [p["proxy"] for p in curve], "--o", color=color, markersize=3, label=f"{label} proxy")
-        if all(math.isfinite(p["gold"]) for p in curve):
-            ax.plot(d, [p["gold"] for p in curve], "-s", color=color, markersize=3, label=f"{label} gold")
+        for metric, style, marker in (("proxy", "--", "o"), ("gold", "-", "s")):
+            if all(math.isfinite(p[metric]) for p in curve):  # KL may turn back: bars, not bands
+                ax.errorbar(
+                    d,
+                    [p[metric] for p in curve],
+                    yerr=_bars(curve, metric),
+                    color=color,
+                    linestyle=style,
+                    marker=marker,
+                    markersize=3,
+                    capsize=1.5,
+                    elinewidth=0.6,
+                    label=f"{label} {metric}",
+                )
     ax.set(
         title="PPO: proxy (dashed) and gold (solid) vs sqrt(KL)", xlabel="sqrt(KL(π || SFT))", ylabel="score"
     )
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.suptitle(interval_note, fontsize=8, y=0.995)
     fig.tight_layout()
     fig.savefig(out_dir / "overoptimization.png", dpi=110)
     plt.close(fig)
     written.append("overoptimization.png")
+
+    metric = "gold" if result.has_gold else "proxy"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (name, curve) in enumerate(curves.items()):
+        color = cmap(i % cmap.N)
+        tokens = np.array([p["sampled_tokens"] for p in curve], dtype=float)
+        _band(axes[0], tokens, curve, metric, color, marker="o", markersize=3, label=name)
+        if all(math.isfinite(p["kl"]) for p in curve):
+            # KL need not grow monotonically along training: intervals as bars, not as a band.
+            axes[1].errorbar(
+                [p["kl"] for p in curve],
+                [p[metric] for p in curve],
+                xerr=_bars(curve, "kl"),
+                yerr=_bars(curve, metric),
+                color=color,
+                marker="o",
+                markersize=3,
+                capsize=1.5,
+                elinewidth=0.6,
+                label=name,
+            )
+    # Rows without a training curve: their final point, with both intervals as error bars.
+    shown_kl = [p["kl"] for curve in curves.values() for p in curve if math.isfinite(p["kl"])]
+    limit = 3 * max(shown_kl) if shown_kl else math.inf
+    hidden = []
+    for row in result.rows:
+        if row.agent in curves or not (math.isfinite(row.kl) and math.isfinite(getattr(row, metric))):
+            continue
+        if row.kl > limit:
+            hidden.append(row.agent)
+            continue
+        point = row.as_dict()
+        y = getattr(row, metric)
+        axes[1].errorbar(
+            row.kl,
+            y,
+            xerr=_bars([point], "kl"),
+            yerr=_bars([point], metric),
+            fmt="D",
+            color="0.35",
+            markersize=4,
+            capsize=2,
+        )
+        axes[1].annotate(row.agent, (row.kl, y), fontsize=7, textcoords="offset points", xytext=(4, -9))
+    axes[0].set(
+        title=f"Sample efficiency: {metric} score vs sampled tokens",
+        xlabel="response tokens sampled in training",
+        ylabel=f"{metric} score (held-out)",
+    )
+    axes[1].set(
+        title=f"KL frontier: {metric} score vs KL to SFT"
+        + (f" ({', '.join(hidden)} off the chart)" if hidden else ""),
+        xlabel="KL(π || SFT) per response",
+        ylabel=f"{metric} score (held-out)",
+    )
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Every agent with a token budget, evaluated along training on {result.settings.get('curve_prompts')} "
+        f"held-out prompts; grey diamonds: the other rows at the end; {interval_note}",
+        fontsize=8,
+        y=0.995,
+    )
+    fig.tight_layout()
+    fig.savefig(out_dir / "efficiency.png", dpi=110)
+    plt.close(fig)
+    written.append("efficiency.png")
 
     histories = {name: rec["history"] for name, rec in result.records.items() if rec.get("history")}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -282,6 +461,7 @@ def _plots(result: Any, out_dir: Path, fits: dict[str, Any]) -> list[str]:
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    fig.suptitle(f"Training diagnostics of seed {result.seeds[0]}", fontsize=8, y=0.995)
     fig.tight_layout()
     fig.savefig(out_dir / "training.png", dpi=110)
     plt.close(fig)

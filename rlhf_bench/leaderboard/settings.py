@@ -18,7 +18,14 @@ class BenchmarkSettings:
     """Every size and budget of a benchmark run. Fields marked *artifact* define the cached task."""
 
     seed: int = 0
-    """Seeds the task, every model and every agent (artifact)."""
+    """Seeds the task, the SFT policy and the reward models (artifact), and the first seed of the agents."""
+    seeds: int = 1
+    """Independent repetitions of the whole agent sweep, with seeds ``seed, seed + 1, ...`` for the agents'
+    training and for evaluation sampling; the SFT policy, the reward models and the prompts are built once
+    from ``seed`` and shared. With one seed the leaderboard's intervals cover the evaluation prompts only;
+    with more, training randomness too (a hierarchical bootstrap, :mod:`rlhf_bench.leaderboard.stats`)."""
+    bootstrap_resamples: int = 2000
+    """Percentile-bootstrap replicates behind every 95% interval (seeded with ``seed``)."""
     # ---------------------------------------------------------------- the SFT policy (artifacts)
     policy_layers: int = 4
     """GPT-2 blocks of the policy (artifact)."""
@@ -80,8 +87,12 @@ class BenchmarkSettings:
     per update); REINFORCE++ and ReMax sample one response for each of ``ppo_episodes`` prompts."""
     sweep_kl_coefs: tuple[float, ...] = (0.002,)
     """Extra PPO runs (for the over-optimisation curves); the smallest shows proxy up, gold down."""
-    curve_every: int = 5
-    """Evaluate PPO runs on the held-out prompts every this many updates (for the curves)."""
+    curve_points: int = 3
+    """Evaluations along the training of every agent with a token budget (PPO, its sweep, the critic-free
+    agents, online DPO), besides the one before training: after the update that crosses each of ``1/n, 2/n,
+    ..., 1`` of the budget. They give the sample-efficiency and KL-frontier curves and the Gao et al. fits."""
+    curve_prompts: int = 64
+    """Held-out prompts (one draw each) of every evaluation along training."""
     bon_samples: int = 32
     """Samples per evaluation prompt for the best-of-k curve (k up to half of it)."""
     rs_rounds: int = 2
@@ -111,6 +122,27 @@ class BenchmarkSettings:
     online_dpo_minibatch: int = 8
     """Pairs per online DPO optimizer step."""
 
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1 (repetitions of the agent sweep), got {self.seeds}")
+        if self.bootstrap_resamples < 100:
+            raise ValueError(
+                f"bootstrap_resamples must be >= 100 for a 95% percentile interval, got {self.bootstrap_resamples}"
+            )
+        if self.curve_points < 1 or self.curve_prompts < 1:
+            raise ValueError(
+                f"curve_points and curve_prompts must be >= 1, got {self.curve_points} and {self.curve_prompts}"
+            )
+        if self.token_budget < 1 or self.eval_prompts < 1 or self.eval_samples < 1:
+            raise ValueError(
+                f"token_budget, eval_prompts and eval_samples must be >= 1, got {self.token_budget}, "
+                f"{self.eval_prompts} and {self.eval_samples}"
+            )
+
+    def run_seeds(self) -> list[int]:
+        """The agents' seeds: ``seed, seed + 1, ..., seed + seeds - 1``."""
+        return [self.seed + i for i in range(self.seeds)]
+
     @classmethod
     def quick(cls, **overrides: Any) -> BenchmarkSettings:
         """The default: the whole benchmark in under 10 minutes on 2 CPU cores."""
@@ -133,7 +165,9 @@ class BenchmarkSettings:
             token_budget=240_000,
             ppo_episodes=128,
             sweep_kl_coefs=(0.001, 0.01, 0.2),
-            curve_every=10,
+            seeds=3,
+            curve_points=6,
+            curve_prompts=128,
             bon_samples=128,
             rs_rounds=3,
             rs_k=16,
@@ -168,7 +202,9 @@ class BenchmarkSettings:
             ppo_episodes=8,
             group_size=4,
             sweep_kl_coefs=(0.002,),
-            curve_every=1,
+            bootstrap_resamples=500,
+            curve_points=2,
+            curve_prompts=8,
             bon_samples=4,
             rs_rounds=1,
             rs_k=2,

@@ -141,6 +141,9 @@ def test_resume_matches_the_uninterrupted_run(fresh_policy, tokenizer, task_prom
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
     assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
     assert (straight.ties, straight.sampled_tokens) == (resumed.ties, resumed.sampled_tokens)
+    # 2 epochs of (decided pairs / minibatches of 4) per update, none for an update of ties only.
+    steps = sum(2 * -(-int(h["pairs"]) // 4) for h in full)
+    assert straight.optimizer_steps == resumed.optimizer_steps == steps > 0
 
 
 def test_errors_say_how_to_fix_them(fresh_policy, tokenizer, task_prompts, task_reward):

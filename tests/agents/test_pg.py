@@ -274,8 +274,9 @@ def test_resume_matches_the_uninterrupted_run(
     for (key, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=key)
     assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    assert resumed.optimizer_steps == straight.optimizer_steps == expected[-1]["optimizer_steps"] > 0
     for a, b in zip(expected[1:], rest):
-        assert a["sampled_tokens"] == b["sampled_tokens"]
+        assert a["sampled_tokens"] == b["sampled_tokens"] and a["optimizer_steps"] == b["optimizer_steps"]
         assert a["score"] == b["score"] and (
             a["policy_loss"] == b["policy_loss"] or math.isnan(a["policy_loss"])
         )

@@ -125,3 +125,5 @@ def test_resume_matches_the_uninterrupted_run(tokenizer, task_prompts, task_rewa
         straight.value_head.linear.weight, resumed.value_head.linear.weight, atol=0, rtol=0
     )
     assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
+    # 4 updates x ppo_epochs x (16 episodes / minibatches of 8): the counter survives the checkpoint.
+    assert straight.optimizer_steps == resumed.optimizer_steps == 4 * config.ppo_epochs * 2

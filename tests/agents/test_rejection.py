@@ -74,6 +74,13 @@ def test_pool_accumulates_across_rounds_and_resume_is_exact(
     for a, b in zip(straight.policy.state_dict().values(), resumed.policy.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert straight.pool == resumed.pool
+    # Every sampled token counted (the KL-measurement draws too), every fine-tuning step, across the resume.
+    assert (straight.sampled_tokens, straight.optimizer_steps) == (
+        resumed.sampled_tokens,
+        resumed.optimizer_steps,
+    )
+    assert history[-1]["sampled_tokens"] == straight.sampled_tokens > 0
+    assert history[-1]["optimizer_steps"] == straight.optimizer_steps > 0
 
 
 def test_latest_pool_keeps_only_the_current_round(fresh_policy, tokenizer, task_prompts, task_reward):

@@ -75,7 +75,11 @@ def test_benchmark_trains_ppo_and_rejection_sampling_on_two_processes(tmp_path, 
         >= settings.token_budget
         > ppo["sampled_tokens"] - ppo["history"][-1]["response_length"] * settings.ppo_episodes
     )  # stopped at the update that reached the budget, counting both ranks' tokens
-    assert [p["update"] for p in ppo["curve"]] == list(range(len(ppo["history"]) + 1))
+    assert [p["fraction"] for p in ppo["curve"]] == [0.0, 0.5, 1.0]  # rank 0 evaluated along training
+    assert ppo["curve"][-1]["update"] == len(ppo["history"])
+    # Every rank's rollouts were scored by its own proxy: the row counts both ranks' reward-model calls.
+    assert rows["ppo"].reward_calls == settings.ppo_episodes * len(ppo["history"])
+    assert rows["ppo"].gradient_steps == ppo["history"][-1]["optimizer_steps"] > 0
     assert len(result.records["rejection-sampling"]["history"]) == settings.rs_rounds
 
 

@@ -1,10 +1,14 @@
 """The benchmark: the review task and its gold rater, the Gao et al. fits, and the whole pipeline end to end
 on a reduced setting (every stage runs, the cache is reused, the reports are written and well formed)."""
 
+import base64
 import csv
 import itertools
 import json
 import math
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +28,69 @@ from rlhf_bench.leaderboard.harness import _REGISTRY, select_agents
 from rlhf_bench.leaderboard.report import fit_best_of_n, fit_rl, format_table
 
 PNG = b"\x89PNG\r\n\x1a\n"
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+def not_json(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def git_head() -> str:
+    return subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+class StrictHTML(HTMLParser):
+    """Well-formedness by ``html.parser``: every non-void tag closed in order, the images collected."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.images: list[str] = []
+        self.tags: set[str] = set()
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (
+            f"</{tag}> closes <{self.stack[-1] if self.stack else None}>"
+        )
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def check_report_html(path: Path, plots: list[Path], agents: list[str]) -> None:
+    """report.html parses as well-formed HTML, embeds every plot byte for byte, and references nothing
+    outside itself (no scripts, no stylesheets, no remote sources)."""
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>")
+    parser = StrictHTML()
+    parser.feed(text)
+    parser.close()
+    assert parser.stack == [], parser.stack
+    assert {"html", "head", "body", "table", "style", "img"} <= parser.tags
+    assert not {"script", "link", "iframe", "object"} & parser.tags
+    assert 'src="http' not in text and "href=" not in text and "url(" not in text
+    embedded = [base64.b64decode(src.split(",", 1)[1]) for src in parser.images]
+    assert all(src.startswith("data:image/png;base64,") for src in parser.images)
+    assert embedded == [plot.read_bytes() for plot in plots]
+    content = "".join(parser.text)
+    for section in ("Leaderboard", "Samples", "Settings", "Versions", "95% intervals"):
+        assert section in content, section
+    for agent in agents:
+        assert agent in content, agent
 
 
 def test_task_is_seeded_and_the_gold_rater_prefers_good_reviews():
@@ -61,15 +128,25 @@ def test_table_formatting():
         {
             "agent": "a",
             "gold": 1.0,
+            "gold_low": 0.9,
+            "gold_high": 1.25,
             "proxy": None,
             "kl": 0.5,
             "win_rate": 0.7,
             "tokens_per_s": 10.0,
             "wall_time_s": 2.0,
-        }
+            "sampled_tokens": 36012.0,
+            "best": True,
+            "same_as_best": True,
+        },
+        {"agent": "b", "gold": 0.95, "same_as_best": True},
+        {"agent": "c", "gold": 0.2, "gold_low": 0.1, "gold_high": None},
     ]
     text = format_table(rows)
-    assert "gold win-rate vs SFT" in text and " - " in text.split("\n")[2] + " "
+    lines = text.split("\n")
+    assert "gold win-rate vs SFT" in text and " - " in lines[2] + " "
+    assert lines[2].startswith("a (best)") and "1.000 [0.900, 1.250]" in lines[2] and "36,012" in lines[2]
+    assert lines[3].startswith("b †") and lines[4].startswith("c ") and "0.200 " in lines[4] + " "
     assert format_table(rows, markdown=True).startswith("| agent |")
 
 
@@ -114,7 +191,7 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert "always-random" in names
     assert any(line.startswith("cached the SFT policy") for line in logs)
     out = tmp_path / "out"
-    payload = json.loads((out / "leaderboard.json").read_text())
+    payload = json.loads((out / "leaderboard.json").read_text(), parse_constant=not_json)  # strict JSON
     rows = {row["agent"]: row for row in payload["leaderboard"]}
     for row in rows.values():
         assert 0.0 <= row["win_rate"] <= 1.0 and row["wall_time_s"] >= 0 and row["tokens_per_s"] > 0
@@ -123,12 +200,14 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert rows["random"]["kl"] > rows["ppo"]["kl"]
     assert payload["best_of_k"][0]["k"] == 1 and payload["best_of_k"][-1]["kl_theory"] > 0
     assert {"rm_helpfulness", "rm_safety"} <= set(payload["reward_models"])
-    updates = len(
-        payload["histories"]["ppo"]
-    )  # evaluated before training, every curve_every (1) and at the end
-    assert [point["update"] for point in payload["curves"]["ppo"]] == list(
-        range(updates + 1)
-    ) and updates >= 2
+    # Every agent with a token budget is evaluated before training and after crossing 1/2 and all of it.
+    for name in [*budgeted, "online-dpo"]:
+        curve = payload["curves"][name]
+        assert [point["fraction"] for point in curve] == [0.0, 0.5, 1.0], name
+        assert curve[0]["sampled_tokens"] == 0 and curve[-1]["sampled_tokens"] >= settings.token_budget
+        assert curve[-1]["update"] == len(payload["histories"][name]), name
+        assert all(point["gold_low"] <= point["gold"] <= point["gold_high"] for point in curve), name
+        assert "per_prompt" not in payload["per_seed"][0]["curves"][name][0]  # summarised, not dumped
     for (
         name
     ) in budgeted:  # every policy optimiser stopped at the same token budget, and says how many it used
@@ -140,6 +219,39 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
         )
         assert payload["histories"][name][-1]["sampled_tokens"] == budget["sampled_tokens"]
         assert f"{budget['sampled_tokens']:,} response tokens sampled" in rows[name]["note"]
+        assert rows[name]["sampled_tokens"] == budget["sampled_tokens"]
+        assert rows[name]["gradient_steps"] == payload["histories"][name][-1]["optimizer_steps"]
+    # What the rows consumed: PPO takes 4 epochs x 4 minibatches per update and the proxy scores every
+    # episode of its rollouts (not its evaluations); SB3 samples one token per step.
+    updates = len(payload["histories"]["ppo"])
+    assert rows["ppo"]["gradient_steps"] == 16 * updates
+    assert rows["ppo"]["reward_calls"] == settings.ppo_episodes * updates
+    assert rows["grpo"]["reward_calls"] == settings.ppo_episodes * len(payload["histories"]["grpo"])
+    assert rows["sb3-ppo"]["sampled_tokens"] == max(settings.sb3_timesteps, 512)
+    assert 0 < rows["sb3-ppo"]["reward_calls"] <= rows["sb3-ppo"]["sampled_tokens"]
+    rs = payload["histories"]["rejection-sampling"][-1]
+    assert rows["rejection-sampling"]["sampled_tokens"] == rs["sampled_tokens"] > 0
+    assert rows["rejection-sampling"]["reward_calls"] == settings.rs_prompts * settings.rs_k * 2  # + KL draws
+    for name in ("sft", "random", "dpo"):
+        assert rows[name]["sampled_tokens"] == 0 and rows[name]["reward_calls"] == 0, name
+    assert rows["dpo"]["gradient_steps"] > 0 and rows["sft"]["gradient_steps"] == 0
+    assert rows["best-of-2"]["reward_calls"] == 2 * settings.eval_prompts * settings.eval_samples
+    # Intervals and marks: the best row, and which rows its paired test cannot tell apart from it.
+    for row in rows.values():
+        for metric in ("gold", "proxy", "win_rate"):
+            assert row[f"{metric}_low"] <= row[metric] <= row[f"{metric}_high"], (row["agent"], metric)
+    assert [row["agent"] for row in payload["leaderboard"] if row["best"]] == [
+        payload["leaderboard"][0]["agent"]
+    ]
+    for row in rows.values():
+        assert row["same_as_best"] == (row["best"] or row["gap_low"] <= 0 <= row["gap_high"])
+    assert rows["sft"]["win_rate_low"] == rows["sft"]["win_rate_high"] == 0.5
+    assert payload["statistics"]["resamples"] == settings.bootstrap_resamples
+    assert "evaluation-prompt sampling only" in payload["statistics"]["covers"]
+    provenance = payload["provenance"]
+    assert provenance["versions"]["torch"] == torch.__version__ and provenance["versions"]["python"]
+    assert provenance["git"]["commit"] == git_head() and provenance["device"]["device"] == "cpu"
+    assert payload["settings"]["seed"] == 0 and payload["seeds"] == [0]
     assert payload["histories"]["grpo-kl-loss"][-1]["kl_loss"] >= 0
     # DPO trains on both preference files the reward models learn from; online DPO spends the token budget.
     dpo = result.records["dpo"]
@@ -154,12 +266,16 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     with open(out / "leaderboard.csv") as handle:
         csv_rows = list(csv.DictReader(handle))
     assert [r["agent"] for r in csv_rows] == [r["agent"] for r in payload["leaderboard"]]
+    assert {"gold_low", "gold_high", "sampled_tokens", "reward_calls", "gradient_steps"} <= set(csv_rows[0])
     markdown = (out / "leaderboard.md").read_text()
     assert "| agent | gold score |" in markdown and "always-random" in markdown
     assert f"reach {settings.token_budget:,} sampled response tokens" in markdown
+    assert "95% intervals, percentile bootstrap over the 16 held-out prompts (500 resamples" in markdown
     assert "## `" in (out / "samples.md").read_text()
-    for plot in ("overoptimization.png", "training.png", "reward_models.png"):
+    plots = ("overoptimization.png", "efficiency.png", "training.png", "reward_models.png")
+    for plot in plots:
         assert (out / plot).read_bytes()[:8] == PNG
+    check_report_html(out / "report.html", [out / plot for plot in plots], names)
 
     # A second run reuses the cached SFT policy and reward models.
     logs.clear()
@@ -174,6 +290,64 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert any(line.startswith("reusing the cached") for line in logs)
     assert [r.agent for r in again.rows] == ["sft", "random"]
     assert again.rows[0].gold == pytest.approx(result.rows[0].gold)  # same seed, same evaluation
+
+
+TIMING = ("per_s", "seconds", "wall_time")
+
+
+def without_timings(value):
+    """``value`` without wall times, throughputs and provenance: what must repeat exactly."""
+    if isinstance(value, dict):
+        return {
+            k: without_timings(v)
+            for k, v in value.items()
+            if k != "provenance" and not any(t in k for t in TIMING)
+        }
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_the_same_seeds_reproduce_the_same_numbers_and_seeds_are_summarised(tiny_cache, tmp_path):
+    """The tiny configuration with two seeds, run twice: every number of leaderboard.json repeats exactly
+    (wall times and throughputs aside); the summary row is the mean of the seeds' rows, the seeds differ,
+    and the intervals say they cover training randomness."""
+    settings = BenchmarkSettings.tiny(seeds=2)
+    agents = ["ppo", "grpo", "online-dpo", "rejection-sampling", "dpo", "random", "best-of-k"]
+
+    def run(out: str):
+        run_benchmark(
+            settings,
+            agents=agents,
+            cache_dir=tiny_cache[0],
+            out_dir=tmp_path / out,
+            progress=False,
+            log=lambda _: None,
+        )
+        return json.loads((tmp_path / out / "leaderboard.json").read_text())
+
+    first, second = run("a"), run("b")
+    assert without_timings(first) == without_timings(second)
+    assert first["provenance"]["versions"] == second["provenance"]["versions"]
+    assert first["seeds"] == [0, 1] and [run["seed"] for run in first["per_seed"]] == [0, 1]
+    assert "training randomness" in first["statistics"]["covers"]
+    rows = {row["agent"]: row for row in first["leaderboard"]}
+    seeds = [{row["agent"]: row for row in run["leaderboard"]} for run in first["per_seed"]]
+    for name, row in rows.items():
+        assert row["seeds"] == 2
+        for metric in ("gold", "proxy", "win_rate"):  # same prompts on every seed: the mean of the means
+            assert row[metric] == pytest.approx(np.mean([seed[name][metric] for seed in seeds])), (
+                name,
+                metric,
+            )
+    assert seeds[0]["ppo"]["gold"] != seeds[1]["ppo"]["gold"]  # independent training and sampling
+    assert seeds[0]["sft"]["gold"] != seeds[1]["sft"]["gold"]  # independent evaluation sampling
+    assert rows["ppo"]["sampled_tokens"] == np.mean([seed["ppo"]["sampled_tokens"] for seed in seeds])
+    assert len(first["curves"]["ppo"]) == settings.curve_points + 1
+    assert first["curves"]["ppo"][-1]["sampled_tokens"] == pytest.approx(
+        np.mean([run["curves"]["ppo"][-1]["sampled_tokens"] for run in first["per_seed"]])
+    )
 
 
 def test_default_and_all_selections(custom_entry):
