@@ -26,6 +26,7 @@ from rlhf_bench.leaderboard.harness import (
 )
 from rlhf_bench.leaderboard.launch import DATA_PARALLEL_ENTRIES, TrainingJob, train_on_processes
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
+from rlhf_bench.leaderboard.tasks import DEFAULT_TASK, get_task
 
 __all__ = ["BenchmarkResult", "Row", "best_of_k_curve", "run_benchmark"]
 
@@ -60,6 +61,10 @@ class BenchmarkResult:
     seconds: float = 0.0
     device: str = "cpu"
     has_gold: bool = True
+    task: str | None = None
+    """The registered task the agents ran on (None: your own models)."""
+    verifiable: bool = False
+    """Whether the task's reward is its gold (a checker): no proxy gap."""
 
 
 def _row(name: str, result: EvalResult, baseline: EvalResult | None, wall: float, note: str = "") -> Row:
@@ -130,6 +135,7 @@ def best_of_k_curve(
 def run_benchmark(
     settings: BenchmarkSettings | None = None,
     *,
+    task: str | None = None,
     agents: Sequence[str] | None = None,
     device: torch.device | str = "auto",
     out_dir: str | Path = "runs/benchmark",
@@ -148,6 +154,8 @@ def run_benchmark(
 
     Args:
         settings: budgets (default :meth:`BenchmarkSettings.quick`).
+        task: the registered task to build and run on (default ``"reviews"``; see
+            :mod:`rlhf_bench.leaderboard.tasks`); not with your own models.
         agents: entries to run (default: the default entries, plus ``best-of-k``; ``["all"]``: every
             registered entry; see :func:`~rlhf_bench.leaderboard.harness.select_agents`); ``sft`` always runs.
         device: ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA when available).
@@ -167,7 +175,15 @@ def run_benchmark(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if policy is not None or reward_model is not None:
+    byo_run = policy is not None or reward_model is not None
+    if byo_run and task is not None:
+        raise ValueError(
+            f"--task {task} builds a task's own models: drop it to run on your own --policy and --reward-model"
+        )
+    task = None if byo_run else (task or DEFAULT_TASK)
+    if task is not None:
+        get_task(task)  # an unknown name fails before anything is built
+    if byo_run:
         if policy is None or reward_model is None:
             raise ValueError(
                 "bring both --policy and --reward-model (and --prompts) to run on your own models"
@@ -184,7 +200,13 @@ def run_benchmark(
         )
     else:
         artifacts = build_artifacts(
-            settings, cache_dir=cache_dir, device=device, rebuild=rebuild, log=log, progress=progress
+            settings,
+            task=task,
+            cache_dir=cache_dir,
+            device=device,
+            rebuild=rebuild,
+            log=log,
+            progress=progress,
         )
     ctx = BenchmarkContext(artifacts, settings, device, out_dir, log=log, progress=progress)
     byo = dict(
@@ -202,7 +224,7 @@ def run_benchmark(
             settings,
             out_dir,
             device.type,
-            artifacts=byo if policy is not None else {"cache_dir": cache_dir},
+            artifacts=byo if policy is not None else {"cache_dir": cache_dir, "task": task},
             byo=policy is not None,
             progress=progress,
             **kwargs,
@@ -278,6 +300,8 @@ def run_benchmark(
         seconds=time.perf_counter() - start,
         device=str(device),
         has_gold=artifacts.gold is not None,
+        task=task,
+        verifiable=artifacts.verifiable,
     )
     write_report(result, out_dir, log=log)
     return result
