@@ -6,7 +6,7 @@ the benchmark's artifacts (a tokenizer, a GPT-2-shaped SFT policy pretrained and
 demonstrations, checker-ranked preference pairs for offline DPO, all cached) and every leaderboard row then
 runs on it, with the checker both as the reward the agents optimise and as the gold that scores them.
 
-    python examples/custom_task.py                   # tiny settings, SFT, GRPO and DPO, about a minute
+    python examples/custom_task.py                   # tiny settings, SFT, GRPO and DPO, under a minute
     python examples/custom_task.py --quick --agents default
     llm-env benchmark --task rhymes                  # not from the shell: the task lives in this script
 
