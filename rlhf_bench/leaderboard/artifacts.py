@@ -1,11 +1,13 @@
 """Build (or load from the cache) what every agent of the benchmark shares.
 
-Stages, each one concise line when it finishes: a word-level tokenizer; a GPT-2-shaped policy pretrained
-on generated reviews and fine-tuned on (prompt, review) pairs (the SFT model); SFT samples compared by
-simulated annotators (noisy Bradley-Terry draws from the gold rater, Llama 2's four levels); a helpfulness
-and a safety reward model initialised from the SFT model (Llama 2) and trained on those comparisons; their
-accuracy against noiseless gold labels on held-out prompts. Everything lands in
-``<cache>/<settings hash>/`` and a second run with the same settings loads it instead.
+:func:`build_artifacts` builds the artifacts of a registered task (:mod:`rlhf_bench.leaderboard.tasks`).
+The default task, ``reviews``, is built here, in stages that each log one concise line when they finish: a
+word-level tokenizer; a GPT-2-shaped policy pretrained on generated reviews and fine-tuned on (prompt,
+review) pairs (the SFT model); SFT samples compared by simulated annotators (noisy Bradley-Terry draws from
+the gold rater, Llama 2's four levels); a helpfulness and a safety reward model initialised from the SFT
+model (Llama 2) and trained on those comparisons; their accuracy against noiseless gold labels on held-out
+prompts. Everything lands in the task's directory, ``<cache>/benchmark/reviews-<settings hash>/``, and a
+second run with the same settings loads it instead (:func:`cached_build`).
 
 With your own models (``policy=``, ``reward_model=``, ``prompts=``) nothing is built: the benchmark
 runs on them, with the reward model as proxy and no gold rater unless one is given.
@@ -45,9 +47,19 @@ from rewards import (
     train_reward_model,
 )
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
-from rlhf_bench.leaderboard.task import KIDS_TAG, ReviewTask
+from rlhf_bench.leaderboard.task import KIDS_TAG, TASK_VERSION, ReviewTask
+from rlhf_bench.leaderboard.tasks import DEFAULT_TASK, get_task, register_task, task_directory
 
-__all__ = ["Artifacts", "build_artifacts", "default_cache_dir", "load_byo_artifacts", "sample_texts"]
+__all__ = [
+    "Artifacts",
+    "build_artifacts",
+    "build_review_artifacts",
+    "cached_build",
+    "default_cache_dir",
+    "load_byo_artifacts",
+    "sample_texts",
+    "train_sft_policy",
+]
 
 Log = Callable[[str], None]
 
@@ -67,7 +79,8 @@ class Artifacts:
     """The KL reference (the SFT policy unless given)."""
     tokenizer: PreTrainedTokenizerBase
     reward: Callable[[Sequence[str], Sequence[str]], Any]
-    """The proxy reward the agents optimise (the Llama 2 combination of the two reward models)."""
+    """The reward the agents optimise: the proxy (on the review task, the Llama 2 combination of the two
+    reward models), or on a verifiable task the checker itself."""
     gold: Callable[[Sequence[str], Sequence[str]], Any] | None
     """The gold rater that scores the agents, or None when running on your own models without one."""
     train_prompts: list[str]
@@ -75,7 +88,15 @@ class Artifacts:
     metrics: dict[str, Any] = field(default_factory=dict)
     """Build-time measurements: SFT losses, reward-model accuracies (overall and per level)."""
     directory: Path | None = None
-    task: ReviewTask | None = None
+    task: Any = None
+    """The task object (its generator and gold rater or checker) when built by a registered task."""
+    preference_files: list[Path] = field(default_factory=list)
+    """Preference JSONL files (``rewards.save_preferences`` format) the offline DPO row trains on: the
+    comparisons the reward models learned from, or SFT samples ranked by a checker; empty for your own
+    models."""
+    verifiable: bool = False
+    """True when ``reward`` is the gold itself (a checker): the agents optimise exactly what scores them,
+    there is no proxy gap and the gold and proxy columns agree."""
 
 
 def sample_texts(
@@ -108,9 +129,20 @@ def sample_texts(
     return out
 
 
-def _train_policy(
-    task: ReviewTask, settings: BenchmarkSettings, tokenizer: Any, device: Any, log: Log, progress: bool
-) -> tuple[Any, dict]:
+def train_sft_policy(
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
+    settings: BenchmarkSettings,
+    *,
+    device: torch.device | str,
+    log: Log,
+    progress: bool,
+    what: str = "texts",
+) -> tuple[Any, dict[str, Any]]:
+    """A GPT-2-shaped policy of the settings' size, pretrained with the language-modelling loss on every
+    token of ``documents``, then fine-tuned on (prompt, response) ``pairs`` (loss on the responses only):
+    the SFT model of a task, in eval mode. ``what`` names the texts in the log lines."""
     model = tiny_gpt2(
         tokenizer,
         n_layer=settings.policy_layers,
@@ -128,21 +160,55 @@ def _train_policy(
         progress=progress,
     )
     start = time.perf_counter()
-    prompts = task.prompts(settings.pretrain_texts, stream=1)
-    documents = [p + r for p, r in zip(prompts, task.reviews(prompts, stream=1))]
-    ids = [[*row, tokenizer.eos_token_id] for row in tokenizer(documents)["input_ids"]]
+    ids = [[*row, tokenizer.eos_token_id] for row in tokenizer(list(documents))["input_ids"]]
     model, pretrain = sft_train(model, [(row[:1], row[1:]) for row in ids], config)  # LM loss on every token
     log(
-        f"pretrained the policy on {len(documents)} reviews: loss {pretrain['epoch_loss'][-1]:.3f} ({time.perf_counter() - start:.0f}s)"
+        f"pretrained the policy on {len(documents)} {what}: loss {pretrain['epoch_loss'][-1]:.3f} ({time.perf_counter() - start:.0f}s)"
     )
     start = time.perf_counter()
-    prompts = task.prompts(settings.sft_pairs, stream=2)
-    pairs = list(zip(prompts, task.reviews(prompts, stream=2)))
-    model, sft = sft_train(model, pairs, config, tokenizer=tokenizer)
+    model, sft = sft_train(model, list(pairs), config, tokenizer=tokenizer)
     log(
-        f"fine-tuned it on {len(pairs)} (prompt, review) pairs: loss {sft['epoch_loss'][-1]:.3f} ({time.perf_counter() - start:.0f}s)"
+        f"fine-tuned it on {len(pairs)} (prompt, response) pairs: loss {sft['epoch_loss'][-1]:.3f} ({time.perf_counter() - start:.0f}s)"
     )
     return model.eval(), {"pretrain_loss": pretrain["epoch_loss"][-1], "sft_loss": sft["epoch_loss"][-1]}
+
+
+def cached_build(
+    directory: Path,
+    build: Callable[[Path], dict[str, Any]],
+    *,
+    settings: BenchmarkSettings,
+    rebuild: bool,
+    log: Log,
+    what: str,
+) -> dict[str, Any]:
+    """The build metrics of the artifacts cached in ``directory``, running ``build`` first unless present.
+
+    ``build(tmp)`` writes the artifacts into ``tmp`` (a sibling ``.partial`` directory) and returns its
+    metrics; they are saved with the build time and the settings' artifact fields as ``artifacts.json``
+    and the directory is renamed into place only then, so an interrupted build is never taken for a
+    finished one. ``rebuild`` deletes the cached copy first; ``what`` names the artifacts in the log.
+    """
+    done = directory / "artifacts.json"
+    if rebuild and directory.exists():
+        shutil.rmtree(directory)
+    if done.is_file():
+        log(f"reusing the cached {what} in {directory}")
+        return json.loads(done.read_text())
+    start = time.perf_counter()
+    tmp = directory.with_name(directory.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    metrics = build(tmp)
+    metrics["build_seconds"] = time.perf_counter() - start
+    metrics["settings"] = {name: getattr(settings, name) for name in settings.ARTIFACT_FIELDS}
+    (tmp / "artifacts.json").write_text(json.dumps(metrics, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+    log(f"cached the {what} in {directory} ({metrics['build_seconds']:.0f}s)")
+    return metrics
 
 
 def _reward_model(
@@ -218,32 +284,56 @@ def _reward_model(
 def build_artifacts(
     settings: BenchmarkSettings,
     *,
+    task: str = DEFAULT_TASK,
     cache_dir: str | os.PathLike | None = None,
     device: torch.device | str = "cpu",
     rebuild: bool = False,
     log: Log = print,
     progress: bool = True,
 ) -> Artifacts:
-    """The built-in review task's artifacts, from ``cache_dir`` when present (see the module docstring)."""
+    """The artifacts of the registered ``task`` (default ``reviews``), from its directory under
+    ``cache_dir`` (default :func:`default_cache_dir`) when they are there; an unknown name raises, listing
+    the registered tasks."""
+    entry = get_task(task)
+    directory = task_directory(task, settings, cache_dir if cache_dir is not None else default_cache_dir())
+    return entry.builder(
+        settings, directory=directory, device=device, rebuild=rebuild, log=log, progress=progress
+    )
+
+
+PREFERENCE_FILES = ("preferences_helpfulness.jsonl", "preferences_safety.jsonl")
+"""The review task's preference data, in its directory: what the two reward models learn from."""
+
+
+@register_task(
+    "reviews",
+    description="short reviews scored by a gold rater; agents optimise proxy reward models learned from "
+    "simulated preferences (over-optimisation shows)",
+    version=TASK_VERSION,
+)
+def build_review_artifacts(
+    settings: BenchmarkSettings,
+    *,
+    directory: Path,
+    device: torch.device | str = "cpu",
+    rebuild: bool = False,
+    log: Log = print,
+    progress: bool = True,
+) -> Artifacts:
+    """The review task's artifacts in ``directory`` (see the module docstring)."""
     task = ReviewTask(seed=settings.seed)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    directory = root / "benchmark" / f"reviews-{settings.artifact_key()}"
-    done = directory / "artifacts.json"
     train_prompts = task.prompts(settings.train_prompts, stream=5)
     eval_prompts = task.prompts(settings.eval_prompts, stream=6)
-    if rebuild and directory.exists():
-        shutil.rmtree(directory)
-    if done.is_file():
-        metrics = json.loads(done.read_text())
-        log(f"reusing the cached SFT policy and reward models in {directory}")
-    else:
-        start = time.perf_counter()
-        tmp = directory.with_name(directory.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+
+    def build(tmp: Path) -> dict[str, Any]:
         tokenizer = word_tokenizer([" ".join(task.vocabulary())])
-        policy, metrics = _train_policy(task, settings, tokenizer, device, log, progress)
+        prompts = task.prompts(settings.pretrain_texts, stream=1)
+        documents = [p + r for p, r in zip(prompts, task.reviews(prompts, stream=1))]
+        prompts = task.prompts(settings.sft_pairs, stream=2)
+        pairs = list(zip(prompts, task.reviews(prompts, stream=2)))
+        policy, metrics = train_sft_policy(
+            tokenizer, documents, pairs, settings, device=device, log=log, progress=progress, what="reviews"
+        )
         policy.save_pretrained(tmp / "sft")
         tokenizer.save_pretrained(tmp / "sft")
         rm_prompts = task.prompts(settings.rm_prompts, stream=3)
@@ -263,13 +353,11 @@ def build_artifacts(
             rm.save_pretrained(tmp / f"rm_{name}")
             save_preferences(data, tmp / f"preferences_{name}.jsonl")
             metrics[f"rm_{name}"] = rm_metrics
-        metrics["build_seconds"] = time.perf_counter() - start
-        metrics["settings"] = {name: getattr(settings, name) for name in settings.ARTIFACT_FIELDS}
-        (tmp / "artifacts.json").write_text(json.dumps(metrics, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-        log(f"cached the SFT policy and reward models in {directory} ({metrics['build_seconds']:.0f}s)")
+        return metrics
+
+    metrics = cached_build(
+        directory, build, settings=settings, rebuild=rebuild, log=log, what="SFT policy and reward models"
+    )
     tokenizer = load_tokenizer(directory / "sft")
     reward = Llama2Reward(
         RewardModel.from_pretrained(directory / "rm_helpfulness", device=device),
@@ -287,6 +375,7 @@ def build_artifacts(
         metrics=metrics,
         directory=directory,
         task=task,
+        preference_files=[directory / name for name in PREFERENCE_FILES],
     )
 
 

@@ -392,24 +392,20 @@ def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
     return SB3Agent(model, seed=s.seed)
 
 
-PREFERENCE_FILES = ("preferences_helpfulness.jsonl", "preferences_safety.jsonl")
-"""The benchmark's preference data, in the artifacts directory: what the two reward models learn from."""
-
-
 @register_agent(
     "dpo",
-    description="offline DPO (Rafailov et al. 2023, beta from the settings) on the benchmark's preference data: "
-    "the helpfulness and safety comparisons of SFT samples the reward models learn from (no sampling, no "
-    "reward model)",
+    description="offline DPO (Rafailov et al. 2023, beta from the settings) on the task's preference data: "
+    "the comparisons of SFT samples the reward models learn from, or that the checker ranks (no sampling, "
+    "no reward model)",
 )
 def dpo_agent(ctx: BenchmarkContext) -> DPOAgent:
     s = ctx.settings
-    if ctx.artifacts.directory is None:
+    files = ctx.artifacts.preference_files
+    if not files:
         raise ValueError(
-            "the dpo row trains on the built-in task's preference data, which your own models do not come "
-            "with: choose the other rows with --agents"
+            "the dpo row trains on a task's preference data, which your own models do not come with: "
+            "choose the other rows with --agents"
         )
-    files = [ctx.artifacts.directory / name for name in PREFERENCE_FILES]
     config = DPOConfig(
         beta=s.dpo_beta,
         learning_rate=s.dpo_lr,

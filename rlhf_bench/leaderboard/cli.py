@@ -11,11 +11,12 @@ def add_parser(subparsers: Any) -> None:
     """Register ``benchmark``."""
     parser = subparsers.add_parser(
         "benchmark",
-        help="build the review task, train every agent on one environment, print the leaderboard",
+        help="build a task, train every agent on one environment, print the leaderboard",
         description=(
-            "Builds (or reuses from the cache) a tiny SFT policy, simulated preferences and proxy reward models "
-            "for the built-in review task, then trains and evaluates every registered agent on the same "
-            "environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), GRPO (KL in the reward and "
+            "Builds (or reuses from the cache) a task's tiny SFT policy and reward: by default the review task "
+            "(simulated preferences and proxy reward models, scored by a gold rater), with --task sorting a "
+            "verifiable task (a checker is both reward and gold). Then trains and evaluates every registered agent "
+            "on the same environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), GRPO (KL in the reward and "
             "in the loss), RLOO, rejection sampling then PPO, Stable-Baselines3 PPO and a random agent; --agents all "
             "adds Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. Every score, win-rate and KL carries a 95% bootstrap "
             "interval (over the held-out prompts, and over seeds with --seeds N), every row states what it consumed "
@@ -62,6 +63,11 @@ def add_parser(subparsers: Any) -> None:
         "policy and reward models; the intervals then cover training randomness too (default: 1 with --quick "
         "and --tiny, 3 with --full)",
     )
+    parser.add_argument(
+        "--task",
+        help="the task: reviews (default; learned proxy reward, gold rater) or sorting (verifiable reward: "
+        "a checker); tasks registered with rlhf_bench.leaderboard.register_task work too",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.add_argument(
         "--nproc",
@@ -95,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     agents = [a.strip() for a in args.agents.split(",") if a.strip()] if args.agents else None
     result = run_benchmark(
         settings,
+        task=args.task,
         agents=agents,
         device=args.device,
         out_dir=args.out,

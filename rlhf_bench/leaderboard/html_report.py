@@ -197,10 +197,21 @@ def render_html(
         )
         + f"llm-env {_e(versions.get('llm-env') or 'from a checkout')}, torch {_e(versions.get('torch'))}."
     )
+    if result.verifiable:
+        scoring = (
+            "Every agent trains against the task's checker on the same environment and prompts and is scored "
+            "on the same held-out prompts by the same checker: no reward model, no proxy gap."
+        )
+    else:
+        scoring = (
+            "Every agent trains against the proxy reward models on the same environment and prompts and is "
+            "scored on the same held-out prompts by "
+            + ("the gold rater." if result.has_gold else "the proxy (no gold rater was given).")
+        )
+    name = result.task
     task = (
-        "Every agent trains against the proxy reward models on the same environment and prompts and is scored "
-        "on the same held-out prompts by "
-        + ("the gold rater." if result.has_gold else "the proxy (no gold rater was given).")
+        (f"Task <code>{_e(name)}</code>. " if name else "")
+        + scoring
         + (
             f" Policy-optimisation agents stop at the update whose rollouts reach {budget:,} sampled response "
             "tokens."

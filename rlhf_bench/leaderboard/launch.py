@@ -62,8 +62,9 @@ class TrainingJob:
     device: str
     """``"cpu"`` or ``"cuda"`` (each worker takes the GPU of its local rank)."""
     artifacts: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of :func:`build_artifacts` (``cache_dir``), or of :func:`load_byo_artifacts`
-    (``policy``, ``reward_model``, ...) when ``byo`` is set."""
+    """Keyword arguments of :func:`build_artifacts` (``cache_dir``, ``task``: the workers rebuild the
+    chosen task's context), or of :func:`load_byo_artifacts` (``policy``, ``reward_model``, ...) when
+    ``byo`` is set."""
     byo: bool = False
     kl_coef: float | None = None
     progress: bool = True

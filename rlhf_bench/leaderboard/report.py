@@ -102,6 +102,8 @@ def payload(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> di
         "seconds": result.seconds,
         "device": result.device,
         "provenance": result.provenance,
+        "task": result.task,
+        "verifiable": result.verifiable,
     }
 
 
@@ -188,14 +190,19 @@ def _fits(result: Any) -> dict[str, Any]:
 
 def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> str:
     lines = ["# RLHF benchmark leaderboard", ""]
-    lines.append(
-        f"Device `{result.device}`, total {result.seconds:.0f}s. Agents train on the same environment and "
-        "prompts and are scored on the same held-out prompts; "
-        + (
-            "the gold rater scores, the proxy reward models train the agents."
-            if result.has_gold
-            else "no gold rater: ranked by the proxy reward model."
+    if result.verifiable:
+        scoring = (
+            "the task's checker is both the reward the agents optimise and the gold that scores them: no "
+            "reward model, no proxy gap (the gold and proxy columns agree)."
         )
+    elif result.has_gold:
+        scoring = "the gold rater scores, the proxy reward models train the agents."
+    else:
+        scoring = "no gold rater: ranked by the proxy reward model."
+    lines.append(
+        f"Task `{result.task or 'your models'}`, device `{result.device}`, total {result.seconds:.0f}s. "
+        "Agents train on the same environment and prompts and are scored on the same held-out prompts; "
+        + scoring
     )
     budget = result.settings.get("token_budget")
     if budget is not None and any("token_budget" in rec for rec in result.records.values()):

@@ -29,6 +29,7 @@ from rlhf_bench.leaderboard.provenance import provenance
 from rlhf_bench.leaderboard.rows import Row, SeedRow, seed_row, summarise
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 from rlhf_bench.leaderboard.stats import LEVEL, Resampler
+from rlhf_bench.leaderboard.tasks import DEFAULT_TASK, get_task
 
 __all__ = ["BenchmarkResult", "Row", "SeedRun", "best_of_k_curve", "run_benchmark", "statistics_description"]
 
@@ -67,6 +68,10 @@ class BenchmarkResult:
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     statistics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    task: str | None = None
+    """The registered task the agents ran on (None: your own models)."""
+    verifiable: bool = False
+    """Whether the task's reward is its gold (a checker): no proxy gap."""
 
 
 def best_of_k_curve(
@@ -118,6 +123,7 @@ def best_of_k_curve(
 def run_benchmark(
     settings: BenchmarkSettings | None = None,
     *,
+    task: str | None = None,
     agents: Sequence[str] | None = None,
     device: torch.device | str = "auto",
     out_dir: str | Path = "runs/benchmark",
@@ -141,6 +147,8 @@ def run_benchmark(
 
     Args:
         settings: budgets (default :meth:`BenchmarkSettings.quick`).
+        task: the registered task to build and run on (default ``"reviews"``; see
+            :mod:`rlhf_bench.leaderboard.tasks`); not with your own models.
         agents: entries to run (default: the default entries, plus ``best-of-k``; ``["all"]``: every
             registered entry; see :func:`~rlhf_bench.leaderboard.harness.select_agents`); ``sft`` always runs.
         device: ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA when available).
@@ -160,7 +168,15 @@ def run_benchmark(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if policy is not None or reward_model is not None:
+    byo_run = policy is not None or reward_model is not None
+    if byo_run and task is not None:
+        raise ValueError(
+            f"--task {task} builds a task's own models: drop it to run on your own --policy and --reward-model"
+        )
+    task = None if byo_run else (task or DEFAULT_TASK)
+    if task is not None:
+        get_task(task)  # an unknown name fails before anything is built
+    if byo_run:
         if policy is None or reward_model is None:
             raise ValueError(
                 "bring both --policy and --reward-model (and --prompts) to run on your own models"
@@ -177,7 +193,13 @@ def run_benchmark(
         )
     else:
         artifacts = build_artifacts(
-            settings, cache_dir=cache_dir, device=device, rebuild=rebuild, log=log, progress=progress
+            settings,
+            task=task,
+            cache_dir=cache_dir,
+            device=device,
+            rebuild=rebuild,
+            log=log,
+            progress=progress,
         )
     byo = dict(
         policy=policy,
@@ -201,7 +223,7 @@ def run_benchmark(
             settings,
             seed_dir(seed),
             device.type,
-            artifacts=byo if policy is not None else {"cache_dir": cache_dir},
+            artifacts=byo if policy is not None else {"cache_dir": cache_dir, "task": task},
             byo=policy is not None,
             progress=progress,
             seed=seed,
@@ -257,6 +279,8 @@ def run_benchmark(
         curves=_curves_summary(runs, resamples, boot_seed),
         statistics=statistics_description(len(seeds), n_prompts, settings, rank_by),
         provenance=provenance(device),
+        task=task,
+        verifiable=artifacts.verifiable,
     )
     write_report(result, out_dir, log=log)
     return result

@@ -235,10 +235,11 @@ class BenchmarkSettings:
         "rm_eval_prompts",
     )
 
-    def artifact_key(self) -> str:
-        """A short hash of the fields that define the cached SFT policy and reward models."""
+    def artifact_key(self, task_version: int = TASK_VERSION) -> str:
+        """A short hash of the fields that define a task's cached artifacts, and of the task's version (by
+        default the review task's; :func:`~rlhf_bench.leaderboard.tasks.task_directory` passes each task's)."""
         fields = {name: getattr(self, name) for name in self.ARTIFACT_FIELDS}
-        fields["task_version"] = TASK_VERSION
+        fields["task_version"] = task_version
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
