@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,137 +122,132 @@ def _add_common(parser: argparse.ArgumentParser, env_options: tuple[str, ...] = 
     add_dataclass_arguments(parser, EnvConfig, include=env_options)
 
 
-def _write_history(out: Path, history: list[dict[str, float]]) -> None:
+def _start(agent_class: type, config: Any, run: Any, **kwargs: Any) -> tuple[Any, Path]:
+    """The agent of a command, resumed from ``<out>/checkpoint`` with ``--resume``; and that directory."""
+    agent = agent_class(run.policy, run.tokenizer, config, device=run.device, **kwargs)
+    checkpoint = Path(run.out) / "checkpoint"
+    if run.resume:
+        agent.load_checkpoint(checkpoint)
+    return agent, checkpoint
+
+
+def _env(
+    agent: Any, run: RunOptions, args: argparse.Namespace, include: tuple[str, ...], **kwargs: Any
+) -> Any:
+    """The training environment of a command, from its run options and the environment options it exposes."""
+    env_options = options_from_args(EnvConfig, args, include=include)
+    return agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **kwargs, **env_options)
+
+
+def _finish(agent: Any, out: str, history: list[dict[str, float]], report: Callable[[], list[str]]) -> int:
+    """Save the policy (every rank calls it, rank 0 writes) and ``history.json``; rank 0 prints ``report()``."""
+    out = Path(out)
+    agent.save_pretrained(out / "policy")
     if not is_main_process():
-        return
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.json").write_text(json.dumps(history, indent=2))
+    for line in report():
+        print(line)
+    print(f"saved the policy to {out / 'policy'}")
+    return 0
+
+
+def _last(history: list[dict[str, float]], key: str) -> float:
+    return history[-1].get(key, float("nan")) if history else float("nan")
 
 
 def _ppo(args: argparse.Namespace) -> int:
     run = dataclass_from_args(RunOptions, args)
-    config = dataclass_from_args(PPOConfig, args)
-    out = Path(run.out)
-    agent = PPOAgent(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
-    checkpoint = out / "checkpoint"
-    if run.resume:
-        agent.load_checkpoint(checkpoint)
-    env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
-    env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
+    agent, checkpoint = _start(PPOAgent, dataclass_from_args(PPOConfig, args), run, reference=run.reference)
+    env = _env(agent, run, args, ENV_OPTIONS)
     history = agent.train(env, args.updates, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
-    _write_history(out, history)
-    if not is_main_process():
-        return 0
-    last = history[-1] if history else {}
-    print(
-        f"ppo: {agent.update} updates, final score {last.get('score', float('nan')):.4f}, "
-        f"KL {last.get('kl', float('nan')):.4f}"
+    return _finish(
+        agent,
+        run.out,
+        history,
+        lambda: [
+            f"ppo: {agent.update} updates, final score {_last(history, 'score'):.4f}, "
+            f"KL {_last(history, 'kl'):.4f}"
+        ],
     )
-    print(f"saved the policy to {out / 'policy'}")
-    return 0
 
 
 def _rejection(args: argparse.Namespace) -> int:
     run = dataclass_from_args(RunOptions, args)
     config = dataclass_from_args(RejectionSamplingConfig, args)
-    out = Path(run.out)
-    agent = RejectionSamplingAgent(run.policy, run.tokenizer, config, device=run.device)
-    checkpoint = out / "checkpoint"
-    if run.resume:
-        agent.load_checkpoint(checkpoint)
-    env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
-    env = agent.make_env(
-        run.prompts, run.reward, num_envs=run.num_envs, reference=run.reference or run.policy, **env_options
-    )
+    agent, checkpoint = _start(RejectionSamplingAgent, config, run)
+    env = _env(agent, run, args, ENV_OPTIONS, reference=run.reference or run.policy)
     history = agent.train(env, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
-    _write_history(out, history)
-    if not is_main_process():
-        return 0
-    for stats in history:
-        measured = stats.get("kl_best_of_k_measured", float("nan"))
-        print(
+    return _finish(
+        agent,
+        run.out,
+        history,
+        lambda: [
             f"round {int(stats['round'])}: mean score {stats['sample_score']:.4f}, best-of-{config.k} "
-            f"{stats['best_score']:.4f}, KL(best-of-k) measured {measured:.3f} vs theory "
+            f"{stats['best_score']:.4f}, KL(best-of-k) measured "
+            f"{stats.get('kl_best_of_k_measured', float('nan')):.3f} vs theory "
             f"{stats['kl_best_of_k_theory']:.3f}"
-        )
-    print(f"saved the policy to {out / 'policy'}")
-    return 0
+            for stats in history
+        ],
+    )
+
+
+def _updates(args: argparse.Namespace) -> int | None:
+    """``--updates``, or 100 when neither it nor ``--total-tokens`` bounds the run."""
+    return args.updates if args.updates is not None or args.total_tokens is not None else 100
 
 
 def _pg(args: argparse.Namespace) -> int:
     agent_class, _ = PG_AGENTS[args.command_name]
     run = dataclass_from_args(RunOptions, args)
     config = dataclass_from_args(agent_class.config_class, args)
-    out = Path(run.out)
-    agent = agent_class(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
-    checkpoint = out / "checkpoint"
-    if run.resume:
-        agent.load_checkpoint(checkpoint)
-    env_options = options_from_args(EnvConfig, args, include=PG_ENV_OPTIONS)
-    env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
-    updates = args.updates if args.updates is not None or args.total_tokens is not None else 100
-    history = agent.train(env, updates, total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
-    _write_history(out, history)
-    if not is_main_process():
-        return 0
-    last = history[-1] if history else {}
-    print(
-        f"{agent.algorithm}: {agent.update} updates, {agent.sampled_tokens} sampled tokens, final score "
-        f"{last.get('score', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}"
+    agent, checkpoint = _start(agent_class, config, run, reference=run.reference)
+    env = _env(agent, run, args, PG_ENV_OPTIONS)
+    history = agent.train(env, _updates(args), total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
+    return _finish(
+        agent,
+        run.out,
+        history,
+        lambda: [
+            f"{agent.algorithm}: {agent.update} updates, {agent.sampled_tokens} sampled tokens, final score "
+            f"{_last(history, 'score'):.4f}, KL {_last(history, 'kl'):.4f}"
+        ],
     )
-    print(f"saved the policy to {out / 'policy'}")
-    return 0
 
 
 def _dpo(args: argparse.Namespace) -> int:
     run = dataclass_from_args(DPORunOptions, args)
     config = dataclass_from_args(DPOConfig, args)
-    out = Path(run.out)
-    agent = DPOAgent(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
-    checkpoint = out / "checkpoint"
-    if run.resume:
-        agent.load_checkpoint(checkpoint)
+    agent, checkpoint = _start(DPOAgent, config, run, reference=run.reference)
     pairs = agent.tokenize(load_preference_pairs(*run.data))
     history = agent.train(pairs, checkpoint_dir=checkpoint, checkpoint_every=run.checkpoint_every)
-    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
-    _write_history(out, history)
-    if not is_main_process():
-        return 0
-    last = history[-1] if history else {}
-    print(
-        f"{config.loss_type}: {agent.step} steps on {len(pairs)} pairs, final loss "
-        f"{last.get('loss', float('nan')):.4f}, implicit-reward accuracy {last.get('reward_accuracy', float('nan')):.3f}"
+    return _finish(
+        agent,
+        run.out,
+        history,
+        lambda: [
+            f"{config.loss_type}: {agent.step} steps on {len(pairs)} pairs, final loss "
+            f"{_last(history, 'loss'):.4f}, implicit-reward accuracy {_last(history, 'reward_accuracy'):.3f}"
+        ],
     )
-    print(f"saved the policy to {out / 'policy'}")
-    return 0
 
 
 def _online_dpo(args: argparse.Namespace) -> int:
     run = dataclass_from_args(RunOptions, args)
     config = dataclass_from_args(OnlineDPOConfig, args)
-    out = Path(run.out)
-    agent = OnlineDPOAgent(run.policy, run.tokenizer, config, reference=run.reference, device=run.device)
-    checkpoint = out / "checkpoint"
-    if run.resume:
-        agent.load_checkpoint(checkpoint)
-    env_options = options_from_args(EnvConfig, args, include=ENV_OPTIONS)
-    env = agent.make_env(run.prompts, run.reward, num_envs=run.num_envs, **env_options)
-    updates = args.updates if args.updates is not None or args.total_tokens is not None else 100
-    history = agent.train(env, updates, total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
-    agent.save_pretrained(out / "policy")  # every rank calls it, rank 0 writes
-    _write_history(out, history)
-    if not is_main_process():
-        return 0
-    last = history[-1] if history else {}
-    print(
-        f"online-dpo: {agent.update} updates, {agent.sampled_tokens} sampled tokens, {agent.ties} tied pairs "
-        f"skipped, final score {last.get('score', float('nan')):.4f}, KL {last.get('kl', float('nan')):.4f}"
+    agent, checkpoint = _start(OnlineDPOAgent, config, run, reference=run.reference)
+    env = _env(agent, run, args, ENV_OPTIONS)
+    history = agent.train(env, _updates(args), total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
+    return _finish(
+        agent,
+        run.out,
+        history,
+        lambda: [
+            f"online-dpo: {agent.update} updates, {agent.sampled_tokens} sampled tokens, {agent.ties} tied "
+            f"pairs skipped, final score {_last(history, 'score'):.4f}, KL {_last(history, 'kl'):.4f}"
+        ],
     )
-    print(f"saved the policy to {out / 'policy'}")
-    return 0
 
 
 def add_parser(subparsers: Any) -> None:

@@ -401,28 +401,20 @@ def context_length(model: nn.Module) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------- the agent
-class DPOAgent:
-    """Offline DPO / IPO on preference pairs; acts like any policy in a :class:`~llm_env.TextGenVectorEnv`.
+class PreferencePolicy:
+    """What offline and online DPO set up alike: the policy (with LoRA adapters when ``lora_rank > 0``), its
+    tokenizer and device, the frozen reference, the data-parallel trainer, AdamW and the learning-rate
+    schedule (made constant here and rebuilt for the run's length by ``train``); and the checkpoints, which
+    differ only in the counters each agent saves (:meth:`_counters`)."""
 
-    Args:
-        policy: the SFT model to optimise (a causal LM object, or a path / hub name).
-        tokenizer: its tokenizer (default: loaded from ``policy`` when that is a path).
-        config: :class:`DPOConfig`.
-        reference: the frozen reference; default: the policy's base with LoRA adapters disabled when
-            ``lora_rank > 0``, otherwise a frozen copy of the initial policy.
-        device: where the policy lives (default: the model's device, or CUDA when available for paths).
-    """
-
-    def __init__(
+    def _setup_policy(
         self,
         policy: nn.Module | str | os.PathLike,
-        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
-        config: DPOConfig | None = None,
-        *,
-        reference: nn.Module | str | os.PathLike | None = None,
-        device: torch.device | str | None = None,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None,
+        config: Any,
+        reference: nn.Module | str | os.PathLike | None,
+        device: torch.device | str | None,
     ) -> None:
-        self.config = config = config or DPOConfig()
         init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
         self.world_size = world_size()
         config.check_world_size(self.world_size)
@@ -446,6 +438,68 @@ class DPOAgent:
             weight_decay=config.weight_decay,
         )
         self.scheduler = make_scheduler(self.optimizer, "constant", total_steps=1)
+
+    def _counters(self) -> dict[str, Any]:
+        """The agent's progress, saved in the checkpoint (its resume point)."""
+        raise NotImplementedError
+
+    def _restore_counters(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states, the agent's counters and config,
+        atomically (on N processes every rank calls it and rank 0 writes)."""
+        return save_training_state(
+            path,
+            modules={"policy": self.policy},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={**self._counters(), "config": jsonable(dataclasses.asdict(self.config))},
+            trainable_only=bool(self.config.lora_rank),
+            optimizer_model=self._trainer,
+        )
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save_checkpoint` into this agent (same model source)."""
+        self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
+        state = load_training_state(
+            path,
+            modules={"policy": self.policy},
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            optimizer_model=self._trainer,
+        )
+        self._restore_counters(state)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes every
+        rank calls it and rank 0 writes)."""
+        save_policy(self.policy, self.tokenizer, path)
+
+
+class DPOAgent(PreferencePolicy):
+    """Offline DPO / IPO on preference pairs; acts like any policy in a :class:`~llm_env.TextGenVectorEnv`.
+
+    Args:
+        policy: the SFT model to optimise (a causal LM object, or a path / hub name).
+        tokenizer: its tokenizer (default: loaded from ``policy`` when that is a path).
+        config: :class:`DPOConfig`.
+        reference: the frozen reference; default: the policy's base with LoRA adapters disabled when
+            ``lora_rank > 0``, otherwise a frozen copy of the initial policy.
+        device: where the policy lives (default: the model's device, or CUDA when available for paths).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module | str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+        config: DPOConfig | None = None,
+        *,
+        reference: nn.Module | str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.config = config = config or DPOConfig()
+        self._setup_policy(policy, tokenizer, config, reference, device)
         self.step = 0
         """Optimizer steps taken (the resume point)."""
         self.pad_id = pad_token_id(self.tokenizer)
@@ -596,37 +650,9 @@ class DPOAgent:
         return history
 
     # -------------------------------------------------------------------------------- checkpointing
-    def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states, step and data hash, atomically
-        (on N processes every rank calls it and rank 0 writes)."""
-        return save_training_state(
-            path,
-            modules={"policy": self.policy},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            state={
-                "step": self.step,
-                "data": self._data_key,
-                "config": jsonable(dataclasses.asdict(self.config)),
-            },
-            trainable_only=bool(self.config.lora_rank),
-            optimizer_model=self._trainer,
-        )
+    def _counters(self) -> dict[str, Any]:
+        return {"step": self.step, "data": self._data_key}
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` into this agent (same model source)."""
-        self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
-        state = load_training_state(
-            path,
-            modules={"policy": self.policy},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            optimizer_model=self._trainer,
-        )
+    def _restore_counters(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self._data_key = state["data"]
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes every
-        rank calls it and rank 0 writes)."""
-        save_policy(self.policy, self.tokenizer, path)

@@ -27,13 +27,11 @@ Reading order: :class:`OnlineDPOConfig`, :meth:`OnlineDPOAgent.pairs` (sampled e
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -43,28 +41,24 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from agents.checkpoint import load_training_state, save_training_state
-from agents.dpo import LossType, frozen_reference, pair_batch, preference_loss
-from agents.policy import SequenceBatch, TokenSampler, add_lora, load_policy, save_policy
+from agents.dpo import LossType, PreferencePolicy, pair_batch, preference_loss
+from agents.policy import SequenceBatch, TokenSampler
 from agents.rollout import Trajectories, collect_episodes
-from agents.tracking import jsonable, scalar, tensorboard_writer
+from agents.tracking import scalar, tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
 from llm_env.distributed import (
     Strategy,
     all_reduce_sum,
     all_reduce_sums,
     check_divisible,
-    data_parallel,
     full_parameters,
-    init_distributed,
     is_main_process,
     rank,
     rank_seed,
     shard_prompts,
-    world_size,
 )
 from llm_env.models import pad_token_id
-from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
+from llm_env.training import make_scheduler, trainable_parameters
 
 __all__ = ["OnlineDPOAgent", "OnlineDPOConfig"]
 
@@ -151,7 +145,7 @@ class OnlineDPOConfig:
         )
 
 
-class OnlineDPOAgent:
+class OnlineDPOAgent(PreferencePolicy):
     """Online DPO acting through the Gym API: sample two responses per prompt, let the reward model rank
     them, take DPO steps against the frozen reference.
 
@@ -174,29 +168,7 @@ class OnlineDPOAgent:
         device: torch.device | str | None = None,
     ) -> None:
         self.config = config = config or OnlineDPOConfig()
-        init_distributed()  # under torchrun / accelerate launch; nothing in a plain process
-        self.world_size = world_size()
-        config.check_world_size(self.world_size)
-        model, self.tokenizer, self.device = load_policy(policy, tokenizer, device)
-        if config.lora_rank:  # peft freezes the base weights; only the adapters train
-            model = add_lora(
-                model,
-                rank=config.lora_rank,
-                alpha=config.lora_alpha,
-                target_modules=config.lora_target_modules,
-            )
-        self.policy = model
-        self.reference = frozen_reference(model, reference, lora=bool(config.lora_rank), device=self.device)
-        """The frozen reference model, or None: the LoRA policy with its adapter disabled."""
-        self._trainer = data_parallel(model, strategy=config.strategy)  # the policy itself in one process
-        self.optimizer = make_optimizer(
-            trainable_parameters(model),
-            lr=config.learning_rate,
-            betas=(0.9, 0.999),
-            eps=1e-8,
-            weight_decay=config.weight_decay,
-        )
-        self.scheduler = make_scheduler(self.optimizer, "constant", total_steps=1)
+        self._setup_policy(policy, tokenizer, config, reference, device)
         self.update = 0
         """Updates done (the resume point)."""
         self.sampled_tokens = 0
@@ -504,41 +476,16 @@ class OnlineDPOAgent:
         return history
 
     # -------------------------------------------------------------------------------- checkpointing
-    def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Policy (adapters only with LoRA), optimizer, scheduler, RNG states and counters, atomically (on N
-        processes every rank calls it and rank 0 writes)."""
-        return save_training_state(
-            path,
-            modules={"policy": self.policy},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            state={
-                "update": self.update,
-                "sampled_tokens": self.sampled_tokens,
-                "ties": self.ties,
-                "optimizer_steps": self.optimizer_steps,
-                "config": jsonable(dataclasses.asdict(self.config)),
-            },
-            trainable_only=bool(self.config.lora_rank),
-            optimizer_model=self._trainer,
-        )
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "update": self.update,
+            "sampled_tokens": self.sampled_tokens,
+            "ties": self.ties,
+            "optimizer_steps": self.optimizer_steps,
+        }
 
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` into this agent (same model source)."""
-        self.scheduler = make_scheduler(self.optimizer, self.config.lr_schedule, total_steps=1)
-        state = load_training_state(
-            path,
-            modules={"policy": self.policy},
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            optimizer_model=self._trainer,
-        )
+    def _restore_counters(self, state: dict[str, Any]) -> None:
         self.update = int(state["update"])
         self.sampled_tokens = int(state["sampled_tokens"])
         self.ties = int(state["ties"])
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
-
-    def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Save the policy as a plain transformers model (LoRA merged) with its tokenizer (on N processes every
-        rank calls it and rank 0 writes)."""
-        save_policy(self.policy, self.tokenizer, path)

@@ -8,7 +8,6 @@ same computation done here in one process. Launches have a timeout that fails th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -34,27 +33,10 @@ from llm_env.distributed import (
 )
 from llm_env.models import load_causal_lm
 from llm_env.tiny import tiny_gpt2, word_tokenizer
+from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, good_count
 
 pytestmark = pytest.mark.slow
 
-CORPUS = [
-    "the film was good and the actors were great",
-    "the film was bad and the plot was dull",
-    "a great movie with a good story and fine music",
-    "i liked the actors but the ending was weak",
-    "this book is long but the story is fun",
-    "the food was cold and the service was slow",
-]
-PROMPTS = [
-    "the film was",
-    "a great movie",
-    "i liked the",
-    "this book is",
-    "the food was",
-    "the story is",
-    "the actors were",
-    "the plot was",
-]
 EPISODES = 8
 UPDATE = dict(
     learning_rate=1e-3,
@@ -83,10 +65,6 @@ TRAIN = dict(
     seed=0,
 )
 SFT = dict(learning_rate=1e-2, epochs=2, batch_size=4, lr_schedule="linear", progress=False, seed=3)
-
-
-def good_count(prompts, responses):
-    return [float(r.split().count("good")) for r in responses]
 
 
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -129,14 +107,6 @@ def weights(agent: PPOAgent) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def digest(module: torch.nn.Module) -> str:
-    """A hash of a (replicated) module's weights, to check that every rank holds the same."""
-    h = hashlib.sha256()
-    for _, tensor in sorted(module.state_dict().items()):
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """A saved tiny policy and 8 episodes it collected (the same data for 1 and for 2 ranks)."""
@@ -158,12 +128,6 @@ def single_process_update(work: Path, **overrides) -> tuple[dict[str, torch.Tens
     agent = PPOAgent(str(work / "policy"), config=PPOConfig(**{**UPDATE, **overrides}))
     stats = agent.learn(torch.load(work / "episodes.pt", weights_only=False))
     return weights(agent), stats
-
-
-def assert_same_weights(actual: dict, expected: dict, atol: float = 2e-5) -> None:
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, atol=atol, rtol=1e-4, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ tests

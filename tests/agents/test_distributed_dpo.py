@@ -9,7 +9,6 @@ done here in one process. Launches have a timeout that fails the test instead of
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,27 +23,10 @@ from agents.online_dpo import OnlineDPOAgent, OnlineDPOConfig
 from agents.rollout import Trajectories
 from llm_env.distributed import all_gather_objects, full_state_dict, init_distributed, is_main_process, rank
 from llm_env.tiny import tiny_gpt2, word_tokenizer
+from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest
 
 pytestmark = pytest.mark.slow
 
-CORPUS = [
-    "the film was good and the actors were great",
-    "the film was bad and the plot was dull",
-    "a great movie with a good story and fine music",
-    "i liked the actors but the ending was weak",
-    "this book is long but the story is fun",
-    "the food was cold and the service was slow",
-]
-PROMPTS = [
-    "the film was",
-    "a great movie",
-    "i liked the",
-    "this book is",
-    "the food was",
-    "the story is",
-    "the actors were",
-    "the plot was",
-]
 PAIRS = [
     ("the film was", " good and fun", " bad"),
     ("a great movie", " with a good story", " dull"),
@@ -66,13 +48,6 @@ ONLINE = dict(
 def distinct_words(prompts, responses):
     """A reward with ties and non-ties among the two samples of a prompt: the number of distinct words."""
     return [float(len(set(r.split()))) for r in responses]
-
-
-def digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for _, tensor in sorted(module.state_dict().items()):
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def half(trajectories: Trajectories, part: int, ties_on_rank_1: bool = False) -> Trajectories:
@@ -123,12 +98,6 @@ def update_run(work, torchrun):
     code, output = torchrun(__file__, "update", work, timeout=600)
     assert code == 0, output[-6000:]
     return json.loads((work / "update.json").read_text())
-
-
-def assert_same_weights(actual: dict, expected: dict, atol: float = 2e-5) -> None:
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, atol=atol, rtol=1e-4, msg=name)
 
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ same computation done here in one process. Launches have a timeout that fails th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -29,27 +28,10 @@ from agents.rloo import RLOOAgent, RLOOConfig
 from agents.rollout import Trajectories
 from llm_env.distributed import all_gather_objects, full_state_dict, init_distributed, is_main_process, rank
 from llm_env.tiny import tiny_gpt2, word_tokenizer
+from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, good_count
 
 pytestmark = pytest.mark.slow
 
-CORPUS = [
-    "the film was good and the actors were great",
-    "the film was bad and the plot was dull",
-    "a great movie with a good story and fine music",
-    "i liked the actors but the ending was weak",
-    "this book is long but the story is fun",
-    "the food was cold and the service was slow",
-]
-PROMPTS = [
-    "the film was",
-    "a great movie",
-    "i liked the",
-    "this book is",
-    "the food was",
-    "the story is",
-    "the actors were",
-    "the plot was",
-]
 GROUPS, SIZE = 4, 4  # the collected rollout: 4 prompts x 4 responses; each rank learns from 2 groups
 UPDATE = dict(
     learning_rate=1e-3,
@@ -93,10 +75,6 @@ TRAIN = dict(
 BUDGET = {"dapo": 400, "remax": 60, "grpo-fsdp": 60}  # sampled response tokens of the token-budget runs
 
 
-def good_count(prompts, responses):
-    return [float(r.split().count("good")) for r in responses]
-
-
 def characters(prompts, responses):
     return [float(len(r)) for r in responses]
 
@@ -105,14 +83,6 @@ def characters_on_rank_0(prompts, responses):
     """The response's length in characters on rank 0 and 0 elsewhere: DAPO finds informative groups on rank 0
     at once and never on rank 1, so rank 0 waits while rank 1 resamples, and rank 1 ends with none."""
     return [float(len(r)) if rank() == 0 else 0.0 for r in responses]
-
-
-def digest(module: torch.nn.Module) -> str:
-    """A hash of a (replicated) module's weights, to check that every rank holds the same."""
-    h = hashlib.sha256()
-    for _, tensor in sorted(module.state_dict().items()):
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def episodes_of(trajectories: Trajectories, name: str, part: int, parts: int) -> Trajectories:
@@ -146,12 +116,6 @@ def single_process_update(work: Path, name: str, episodes=None) -> tuple[dict, d
     trajectories = torch.load(work / "episodes.pt", weights_only=False)
     stats = agent.learn(trajectories if episodes is None else trajectories.select(episodes))
     return {k: v.detach().clone() for k, v in agent.policy.state_dict().items()}, stats
-
-
-def assert_same_weights(actual: dict, expected: dict, atol: float = 2e-5) -> None:
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(actual[name], value, atol=atol, rtol=1e-4, msg=name)
 
 
 def assert_same_stats(actual: dict, expected: dict, keys) -> None:
