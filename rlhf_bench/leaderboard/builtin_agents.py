@@ -222,7 +222,11 @@ def grpo_agent(ctx: BenchmarkContext) -> PGAgent:
     return pg_run(ctx, "grpo", GRPOAgent, GRPOConfig)
 
 
-@register_agent("grpo-kl-loss", description="GRPO with the KL in the loss (k3, as DeepSeekMath), env beta 0")
+@register_agent(
+    "grpo-kl-loss",
+    description="GRPO with the KL in the loss (k3, as DeepSeekMath), env beta 0",
+    default=False,
+)
 def grpo_kl_loss_agent(ctx: BenchmarkContext) -> PGAgent:
     return pg_run(ctx, "grpo-kl-loss", GRPOAgent, GRPOConfig, kl_in="loss", kl_estimator="k3")
 
@@ -298,7 +302,11 @@ def rejection_sampling_agent(ctx: BenchmarkContext) -> RejectionSamplingAgent:
     return agent
 
 
-@register_agent("rs-then-ppo", description="Llama 2's iterative recipe: rejection-sampling rounds, then PPO")
+@register_agent(
+    "rs-then-ppo",
+    description="Llama 2's iterative recipe: rejection-sampling rounds, then PPO",
+    default=False,
+)
 def iterative_agent(ctx: BenchmarkContext) -> TokenSampler:
     s = ctx.settings
     config = IterativeConfig(

@@ -27,10 +27,11 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from agents.policy import TokenSampler, save_policy
 from llm_env.distributed import init_distributed, is_main_process, shutdown_distributed, world_size
 from llm_env.models import load_causal_lm, resolve_device
-from rlhf_bench.leaderboard.artifacts import build_artifacts, load_byo_artifacts
+from rlhf_bench.leaderboard.artifacts import build_artifacts, default_cache_dir, load_byo_artifacts
 from rlhf_bench.leaderboard.builtin_agents import ppo_run
 from rlhf_bench.leaderboard.harness import BenchmarkContext, registered_agents
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
+from rlhf_bench.leaderboard.tasks import DEFAULT_TASK, task_directory
 
 __all__ = ["DATA_PARALLEL_ENTRIES", "TrainingJob", "train_on_processes"]
 
@@ -104,6 +105,21 @@ def train_on_processes(ctx: BenchmarkContext, job: TrainingJob, nproc: int) -> T
     return TokenSampler(policy, seed=ctx.settings.seed)
 
 
+def _check_built(job: TrainingJob) -> None:
+    """The workers only load the task's artifacts, which the parent built before launching them: were they
+    missing (a cache key that differs between the parent and the workers), every rank would build them into
+    the same directory at once. Fail instead, naming the directory."""
+    task = job.artifacts.get("task") or DEFAULT_TASK
+    cache_dir = job.artifacts.get("cache_dir") or default_cache_dir()
+    directory = task_directory(task, job.settings, cache_dir)
+    if not (directory / "artifacts.json").is_file():
+        raise RuntimeError(
+            f"a --nproc worker found no built artifacts of task {task!r} in {directory}: the parent process "
+            "builds them before it launches the workers, so the workers' settings or cache directory differ "
+            "from the parent's"
+        )
+
+
 def _train(job: TrainingJob, directory: str) -> dict[str, Any]:
     """One worker: rebuild the context, train the entry with the others, rank 0 saves the policy."""
     init_distributed()
@@ -118,6 +134,7 @@ def _train(job: TrainingJob, directory: str) -> dict[str, Any]:
     if job.byo:
         artifacts = load_byo_artifacts(**job.artifacts, settings=job.settings, device=job.device, log=log)
     else:
+        _check_built(job)
         artifacts = build_artifacts(job.settings, **job.artifacts, device=job.device, log=lambda _: None)
     settings = job.settings if job.seed is None else dataclasses.replace(job.settings, seed=job.seed)
     ctx = BenchmarkContext(

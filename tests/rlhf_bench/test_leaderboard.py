@@ -352,9 +352,9 @@ def test_the_same_seeds_reproduce_the_same_numbers_and_seeds_are_summarised(tiny
 
 def test_default_and_all_selections(custom_entry):
     default = select_agents(None)
-    assert {"sft", "ppo", "grpo", "grpo-kl-loss", "rloo", "rejection-sampling", "best-of-k"} <= set(default)
+    assert {"sft", "ppo", "grpo", "rloo", "rejection-sampling", "sb3-ppo", "dpo", "best-of-k"} <= set(default)
     assert "always-random" in default  # entries are default unless registered with default=False
-    extra = {"dr-grpo", "dapo", "gspo", "reinforce-pp", "remax"}
+    extra = {"grpo-kl-loss", "rs-then-ppo", "dr-grpo", "dapo", "gspo", "reinforce-pp", "remax"}
     assert not extra & set(default)
     everything = select_agents(["all"])
     assert extra <= set(everything) and set(default) <= set(everything)
