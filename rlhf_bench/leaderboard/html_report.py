@@ -210,7 +210,7 @@ def render_html(
         )
     name = result.task
     task = (
-        (f"Task <code>{_e(name)}</code>. " if name else "")
+        (f"Task {name}. " if name else "")
         + scoring
         + (
             f" Policy-optimisation agents stop at the update whose rollouts reach {budget:,} sampled response "

@@ -276,6 +276,10 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     for plot in plots:
         assert (out / plot).read_bytes()[:8] == PNG
     check_report_html(out / "report.html", [out / plot for plot in plots], names)
+    assert (
+        "<p>Task reviews. Every agent trains against the proxy reward models"
+        in (out / "report.html").read_text()
+    )
 
     # A second run reuses the cached SFT policy and reward models.
     logs.clear()
