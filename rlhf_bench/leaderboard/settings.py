@@ -53,7 +53,7 @@ class BenchmarkSettings:
     """Reward-model training epochs (artifact). With ``rm_lr`` 3e-4 training sat on a plateau near chance
     for about one epoch and needed 4 epochs to flatten out (2 gave 0.64 to 0.79 held-out helpfulness
     accuracy on seeds 0-2); at 1e-3 two epochs reach the same accuracy in half the time (1,200 held-out
-    pairs, seeds 0/1/2: helpfulness 0.79/0.81/0.82, safety 0.81/0.83 and seed 2 below; 3 epochs at 6e-4:
+    pairs, seeds 0/1/2: helpfulness 0.79/0.81/0.82, safety 0.81/0.83/0.79; 3 epochs at 6e-4:
     0.79 on seed 0), which keeps the quick run, model building included, within 10 minutes."""
     rm_lr: float = 1e-3
     """Reward-model learning rate (artifact); 1e-4 never leaves the initial plateau in 3 epochs."""
