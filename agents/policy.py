@@ -28,8 +28,10 @@ from llm_env import IncrementalLM, TextGenVectorEnv, TokenActions
 from llm_env.decoding import host_to_device, left_pad
 from llm_env.distributed import full_state_dict, is_main_process, is_sharded
 from llm_env.models import load_causal_lm, load_tokenizer, model_device, resolve_device, unwrap_model
+from llm_env.reward import SequenceClassifierReward
 
 __all__ = [
+    "Critic",
     "SequenceBatch",
     "TokenSampler",
     "ValueHead",
@@ -66,6 +68,75 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (..., d) -> (...)
         return self.linear(hidden_states.to(self.linear.weight.dtype)).squeeze(-1)
+
+
+class Critic(nn.Module):
+    """A value network of its own: a transformer backbone and a scalar head, initialised from a reward model.
+
+    InstructGPT (Ouyang et al. 2022, appendix C.3) "initialize[s] the value function from the RM": a reward
+    model read at the end of every prefix already estimates how good the finished response will be, so the
+    critic starts with useful values instead of zeros. A value head on the policy's trunk cannot start
+    there, and on small rollouts it barely learns (it fits each update's 64 episodes and predicts the next
+    ones no better than a constant). The head is rescaled with the reward model's score statistics when it
+    has them, so that the initial values are on the scale of the whitened reward the environment pays.
+    """
+
+    def __init__(self, backbone: nn.Module, head: ValueHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def from_reward_model(
+        cls,
+        path: str | os.PathLike,
+        *,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device | str | None = None,
+        whiten: bool = True,
+    ) -> Critic:
+        """The backbone and ``score`` head of a one-label sequence-classification checkpoint (a reward model
+        saved by ``rewards.RewardModel.save_pretrained`` or any ``...ForSequenceClassification`` with a
+        ``score`` head: GPT-2, Llama, Mistral, Qwen). ``tokenizer`` is the policy's: the critic reads the
+        policy's token ids, so the checkpoint's own tokenizer must have the same vocabulary."""
+        rm = SequenceClassifierReward.from_pretrained(path, device=device)
+        if rm.tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"the critic's reward model {os.fspath(path)} has a different vocabulary from the policy's "
+                f"tokenizer ({len(rm.tokenizer)} vs {len(tokenizer)} tokens): the critic reads the policy's "
+                "token ids, so it must come from a model trained with the same tokenizer"
+            )
+        model = unwrap_model(rm.model)
+        score, backbone = getattr(model, "score", None), getattr(model, "base_model", None)
+        if (
+            not isinstance(score, nn.Linear)
+            or score.out_features != 1
+            or backbone is None
+            or backbone is model
+        ):
+            raise ValueError(
+                f"{os.fspath(path)} is not a decoder sequence-classification model with a one-output `score` "
+                f"head (got {type(model).__name__}); a critic needs the backbone's per-position hidden states"
+            )
+        head = ValueHead(score.in_features).to(score.weight.device)
+        with torch.no_grad():
+            weight = score.weight.detach().float().clone()
+            bias = score.bias.detach().float().clone() if score.bias is not None else torch.zeros(1)
+            if whiten and rm.stats is not None:  # V = (score - mean) / std, folded into the head
+                weight /= rm.stats.std
+                bias = (bias - rm.stats.mean) / rm.stats.std
+            head.linear.weight.copy_(weight)
+            head.linear.bias.copy_(bias.to(weight.device))
+        return cls(backbone, head)
+
+    def forward(self, batch: SequenceBatch) -> torch.Tensor:
+        """V(s_t) for every response token of ``batch``: the head on the backbone's hidden state at the
+        position that predicts token t (the prompt and the response before it), 0 on padding."""
+        hidden = self.backbone(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
+        hidden = hidden.gather(1, batch.positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        return self.head(hidden).float().masked_fill(~batch.response_mask, 0.0)
 
 
 def add_lora(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,14 +26,15 @@ def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:
 
 
 def make_optimizer(
-    params: Iterable[nn.Parameter],
+    params: Iterable[nn.Parameter] | Iterable[dict[str, Any]],
     *,
     lr: float,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-5,
     weight_decay: float = 0.0,
 ) -> torch.optim.AdamW:
-    """AdamW (Loshchilov & Hutter 2019); the defaults are Llama 2's RLHF settings (betas 0.9/0.95, eps 1e-5)."""
+    """AdamW (Loshchilov & Hutter 2019); the defaults are Llama 2's RLHF settings (betas 0.9/0.95, eps 1e-5).
+    ``params`` may be parameter groups (dicts with their own ``lr``), as for PPO's value head."""
     params = list(params)
     if not params:
         raise ValueError("no trainable parameters: is everything frozen?")

@@ -94,6 +94,10 @@ class Artifacts:
     """Preference JSONL files (``rewards.save_preferences`` format) the offline DPO row trains on: the
     comparisons the reward models learned from, or SFT samples ranked by a checker; empty for your own
     models."""
+    critic_path: str | None = None
+    """A reward model PPO initialises its separate critic from (InstructGPT), sharing the policy's tokenizer:
+    on the review task the helpfulness model; None (a value head on the policy's trunk) for a checker's
+    reward and for your own models, whose reward model may use another tokenizer."""
     verifiable: bool = False
     """True when ``reward`` is the gold itself (a checker): the agents optimise exactly what scores them,
     there is no proxy gap and the gold and proxy columns agree."""
@@ -376,6 +380,7 @@ def build_review_artifacts(
         directory=directory,
         task=task,
         preference_files=[directory / name for name in PREFERENCE_FILES],
+        critic_path=str(directory / "rm_helpfulness"),
     )
 
 

@@ -110,6 +110,7 @@ def _ppo_config(ctx: BenchmarkContext, kl_coef: float, name: str) -> PPOConfig:
         minibatch_size=max(1, s.ppo_episodes // 4),
         ppo_epochs=4,
         kl_coef=kl_coef,
+        critic=ctx.artifacts.critic_path,
         seed=s.seed,
         log_dir=str(ctx.out_dir / "tensorboard" / name),
         progress=ctx.progress,

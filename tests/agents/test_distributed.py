@@ -101,9 +101,10 @@ def share(trajectories: Trajectories, index: np.ndarray) -> Trajectories:
 
 
 def weights(agent: PPOAgent) -> dict[str, torch.Tensor]:
-    """Full policy and value-head weights (a collective with FSDP; rank 0 gets them)."""
+    """Full policy and value-head (or critic) weights (a collective with FSDP; rank 0 gets them)."""
     state = {f"policy.{k}": v for k, v in full_state_dict(agent.policy).items()}
-    state.update({f"value_head.{k}": v for k, v in full_state_dict(agent.value_head).items()})
+    value = ("value_head", agent.value_head) if agent.critic is None else ("critic", agent.critic)
+    state.update({f"{value[0]}.{k}": v for k, v in full_state_dict(value[1]).items()})
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
@@ -115,6 +116,8 @@ def work(tmp_path_factory):
     policy = tiny_gpt2(tokenizer, seed=2)
     policy.save_pretrained(path / "policy")
     tokenizer.save_pretrained(path / "policy")
+    tiny_gpt2(tokenizer, seed=4, classifier=True).save_pretrained(path / "rm")  # the critic's reward model
+    tokenizer.save_pretrained(path / "rm")
     agent = PPOAgent(str(path / "policy"), config=PPOConfig(**UPDATE))
     env = agent.make_env(
         PROMPTS, good_count, num_envs=4, max_new_tokens=5, autoreset_mode=AutoresetMode.DISABLED
@@ -144,6 +147,9 @@ def test_one_update_on_two_ranks_equals_one_update_in_one_process(work, torchrun
     # With LoRA (the same initialisation on both sides: torch.manual_seed(0) before building the agent).
     lora, _ = single_process_update(work, lora_rank=4)
     assert_same_weights(load_file(work / "ddp-4.safetensors"), lora)
+    # With a separate critic initialised from a reward model (its backbone's gradients averaged too).
+    critic, _ = single_process_update(work, critic=str(work / "rm"))
+    assert_same_weights(load_file(work / "ddp-critic.safetensors"), critic)
     # Bad configurations fail before any work starts, naming the numbers.
     assert result["errors"]["episodes"].startswith(
         "episodes_per_update=9 is not divisible by the world size 2"
@@ -158,7 +164,7 @@ def test_one_update_on_two_ranks_equals_one_update_in_one_process(work, torchrun
 
 def test_fsdp2_update_matches_ddp(work, torchrun):
     """FSDP2 (parameters, gradients and optimizer state sharded) makes the same update as DDP, with and
-    without LoRA."""
+    without LoRA, and with a separate critic."""
     if not (work / "fsdp-0.safetensors").exists():  # the update scenario writes both
         code, output = torchrun(__file__, "update", work)
         assert code == 0, output[-6000:]
@@ -172,6 +178,9 @@ def test_fsdp2_update_matches_ddp(work, torchrun):
             for strategy in ("ddp", "fsdp")
         }
         assert_same_weights(saved["fsdp"], saved["ddp"])
+    assert_same_weights(  # the reward-model critic sharded too
+        load_file(work / "fsdp-critic.safetensors"), load_file(work / "ddp-critic.safetensors")
+    )
     result = json.loads((work / "update.json").read_text())
     assert result["resumes"] == {"fsdp-0": True, "fsdp-4": True}  # FSDP checkpoints resume exactly
     for key in ("score", "kl", "grad_norm", "policy_loss"):
@@ -276,6 +285,14 @@ def _update(work: Path) -> None:
                 resumed.learn(mine)
                 a, b = weights(agent), weights(resumed)
                 resumes[f"fsdp-{lora}"] = all(torch.equal(a[k], b[k]) for k in a) and resumed.update == 2
+    for strategy in ("ddp", "fsdp"):  # the reward-model critic, replicated and sharded
+        torch.manual_seed(0)
+        config = PPOConfig(**UPDATE, strategy=strategy, critic=str(work / "rm"))
+        agent = PPOAgent(str(work / "policy"), config=config)
+        stats[f"{strategy}-critic"] = agent.learn(mine)
+        state = weights(agent)
+        if is_main_process():
+            save_file(state, str(work / f"{strategy}-critic.safetensors"))
     shards = all_gather_objects(shard_prompts(PROMPTS, num_envs=4, seed=0))
     if is_main_process():
         (work / "update.json").write_text(

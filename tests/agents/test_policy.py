@@ -8,7 +8,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import llm_env
-from agents.policy import SequenceBatch, TokenSampler, ValueHead, add_lora, response_forward
+from agents.policy import Critic, SequenceBatch, TokenSampler, ValueHead, add_lora, response_forward
 from llm_env.tiny import tiny_gpt2, tiny_llama
 
 
@@ -173,3 +173,46 @@ def test_sampler_keeps_frozen_rows_in_place(arch, tokenizer, task_prompts, task_
         if restarted.any():
             obs, _ = env.reset(options={"reset_mask": restarted})
             running |= restarted
+
+
+def _rm_dir(path, tokenizer, *, stats=None, seed=4):
+    """A tiny GPT-2 reward model saved with its tokenizer (and ``reward_model.json`` when ``stats``)."""
+    from rewards import RewardModel  # the reward models' own writer, as the benchmark saves them
+
+    model = tiny_gpt2(tokenizer, seed=seed, classifier=True)
+    if stats is None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    else:
+        RewardModel(model, tokenizer, stats=stats).save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_critic_values_are_the_reward_models_scores_of_every_prefix(tokenizer, tmp_path, with_stats):
+    from llm_env.reward import ScoreStats, sequence_scores
+
+    stats = ScoreStats(mean=0.5, std=2.0) if with_stats else None
+    rm = _rm_dir(tmp_path, tokenizer, stats=stats).eval()
+    critic = Critic.from_reward_model(tmp_path, tokenizer=tokenizer, device="cpu").eval()
+    prompts = [tokenizer("the film was")["input_ids"], tokenizer("a")["input_ids"]]
+    responses = [tokenizer(" good and great")["input_ids"], tokenizer(" movie")["input_ids"]]
+    batch = SequenceBatch.build(prompts, responses, pad_id=0, device="cpu")
+    with torch.no_grad():
+        values = critic(batch)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            for t in range(len(r)):  # V(s_t): the reward model reading the prompt and the first t tokens
+                ids = torch.tensor([p + r[:t]])
+                score = float(sequence_scores(rm, ids, torch.ones_like(ids)))
+                expected = (score - 0.5) / 2.0 if with_stats else score
+                assert float(values[i, t]) == pytest.approx(expected, abs=1e-5), (i, t)
+            assert torch.all(values[i, len(r) :] == 0)  # padding
+
+
+def test_critic_refuses_a_reward_model_with_another_vocabulary(tokenizer, tmp_path):
+    from llm_env.tiny import word_tokenizer
+
+    other = word_tokenizer(["some other words entirely"])
+    _rm_dir(tmp_path, other)
+    with pytest.raises(ValueError, match="different vocabulary"):
+        Critic.from_reward_model(tmp_path, tokenizer=tokenizer, device="cpu")

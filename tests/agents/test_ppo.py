@@ -82,6 +82,7 @@ def test_ppo_ptx_adds_the_pretraining_loss(fresh_policy, tokenizer, task_prompts
         (dict(adaptive_kl=True, kl_coef=0.0), "adaptive_kl"),
         (dict(temperature=0), "temperature"),
         (dict(gamma=1.5), "gamma"),
+        (dict(value_learning_rate=0.0), "value_learning_rate"),
     ],
 )
 def test_config_errors_say_how_to_fix_them(kwargs, match):
@@ -127,3 +128,40 @@ def test_resume_matches_the_uninterrupted_run(tokenizer, task_prompts, task_rewa
     assert straight.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
     # 4 updates x ppo_epochs x (16 episodes / minibatches of 8): the counter survives the checkpoint.
     assert straight.optimizer_steps == resumed.optimizer_steps == 4 * config.ppo_epochs * 2
+
+
+def test_reward_model_critic_trains_and_resumes_exactly(
+    fresh_policy, tokenizer, task_prompts, task_reward, saved_classifier, tmp_path
+):
+    config = PPOConfig(**FAST, critic=str(saved_classifier), value_learning_rate=1e-3)
+    straight = PPOAgent(fresh_policy(), tokenizer, config)
+    assert straight.critic is not None and straight.value_head is straight.critic.head
+    assert [g["lr"] for g in straight.optimizer.param_groups] == [3e-3, 1e-3]
+    before = {k: v.clone() for k, v in straight.critic.state_dict().items()}
+    history = straight.train(make(straight, task_prompts, task_reward), 4)
+    assert all(np.isfinite(h["value_loss"]) for h in history)
+    moved = [k for k, v in straight.critic.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("backbone.") for k in moved) and "head.linear.weight" in moved
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(update, stats):
+        if update == 2:
+            raise Interrupt
+
+    interrupted = PPOAgent(fresh_policy(), tokenizer, config)
+    with pytest.raises(Interrupt):
+        interrupted.train(
+            make(interrupted, task_prompts, task_reward),
+            4,
+            checkpoint_dir=tmp_path / "ck",
+            callback=stop_after_two,
+        )
+    resumed = PPOAgent(fresh_policy(), tokenizer, config)
+    resumed.load_checkpoint(tmp_path / "ck")
+    resumed.train(make(resumed, task_prompts, task_reward), 4)
+    for module in ("policy", "critic"):
+        a, b = getattr(straight, module).state_dict(), getattr(resumed, module).state_dict()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], atol=0, rtol=0, msg=f"{module}.{name}")
