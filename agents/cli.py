@@ -198,21 +198,34 @@ def _updates(args: argparse.Namespace) -> int | None:
     return args.updates if args.updates is not None or args.total_tokens is not None else 100
 
 
-def _pg(args: argparse.Namespace) -> int:
-    agent_class, _ = PG_AGENTS[args.command_name]
+def _train_online(
+    args: argparse.Namespace,
+    agent_class: Any,
+    config_class: Any,
+    env_options: Any,
+    summary: Callable[[Any, list], str],
+) -> int:
+    """The body of every command whose agent samples from the environment and trains on a token budget or
+    a number of updates (the critic-free agents and online DPO); ``summary`` words the final report line."""
     run = dataclass_from_args(RunOptions, args)
-    config = dataclass_from_args(agent_class.config_class, args)
+    config = dataclass_from_args(config_class, args)
     agent, checkpoint = _start(agent_class, config, run, reference=run.reference)
-    env = _env(agent, run, args, PG_ENV_OPTIONS)
+    env = _env(agent, run, args, env_options)
     history = agent.train(env, _updates(args), total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
-    return _finish(
-        agent,
-        run.out,
-        history,
-        lambda: [
+    return _finish(agent, run.out, history, lambda: [summary(agent, history)])
+
+
+def _pg(args: argparse.Namespace) -> int:
+    agent_class = PG_AGENTS[args.command_name][0]
+    return _train_online(
+        args,
+        agent_class,
+        agent_class.config_class,
+        PG_ENV_OPTIONS,
+        lambda agent, history: (
             f"{agent.algorithm}: {agent.update} updates, {agent.sampled_tokens} sampled tokens, final score "
             f"{_last(history, 'score'):.4f}, KL {_last(history, 'kl'):.4f}"
-        ],
+        ),
     )
 
 
@@ -234,19 +247,15 @@ def _dpo(args: argparse.Namespace) -> int:
 
 
 def _online_dpo(args: argparse.Namespace) -> int:
-    run = dataclass_from_args(RunOptions, args)
-    config = dataclass_from_args(OnlineDPOConfig, args)
-    agent, checkpoint = _start(OnlineDPOAgent, config, run, reference=run.reference)
-    env = _env(agent, run, args, ENV_OPTIONS)
-    history = agent.train(env, _updates(args), total_tokens=args.total_tokens, checkpoint_dir=checkpoint)
-    return _finish(
-        agent,
-        run.out,
-        history,
-        lambda: [
+    return _train_online(
+        args,
+        OnlineDPOAgent,
+        OnlineDPOConfig,
+        ENV_OPTIONS,
+        lambda agent, history: (
             f"online-dpo: {agent.update} updates, {agent.sampled_tokens} sampled tokens, {agent.ties} tied "
             f"pairs skipped, final score {_last(history, 'score'):.4f}, KL {_last(history, 'kl'):.4f}"
-        ],
+        ),
     )
 
 
