@@ -90,13 +90,9 @@ def test_config_errors_say_how_to_fix_them(kwargs, match):
         PPOConfig(**kwargs)
 
 
-def test_resume_matches_the_uninterrupted_run(tokenizer, task_prompts, task_reward, tmp_path, fresh_policy):
-    config = PPOConfig(
-        **FAST, gradient_accumulation_steps=2, lr_schedule="cosine", adaptive_kl=True, kl_target=0.5
-    )
-
-    straight = PPOAgent(fresh_policy(), tokenizer, config)
-    straight.train(make(straight, task_prompts, task_reward), 4)
+def interrupt_and_resume(policy_factory, tokenizer, prompts, reward, config, checkpoint):
+    """A run of 4 updates stopped by an exception after update 2 (its checkpoint written), then a fresh agent
+    restored from that checkpoint and trained to update 4."""
 
     class Interrupt(Exception):
         pass
@@ -105,19 +101,29 @@ def test_resume_matches_the_uninterrupted_run(tokenizer, task_prompts, task_rewa
         if update == 2:
             raise Interrupt
 
-    interrupted = PPOAgent(fresh_policy(), tokenizer, config)
+    interrupted = PPOAgent(policy_factory(), tokenizer, config)
     with pytest.raises(Interrupt):
         interrupted.train(
-            make(interrupted, task_prompts, task_reward),
-            4,
-            checkpoint_dir=tmp_path / "ck",
-            callback=stop_after_two,
+            make(interrupted, prompts, reward), 4, checkpoint_dir=checkpoint, callback=stop_after_two
         )
-
-    resumed = PPOAgent(fresh_policy(), tokenizer, config)
-    resumed.load_checkpoint(tmp_path / "ck")
+    resumed = PPOAgent(policy_factory(), tokenizer, config)
+    resumed.load_checkpoint(checkpoint)
     assert resumed.update == 2
-    resumed.train(make(resumed, task_prompts, task_reward), 4)
+    resumed.train(make(resumed, prompts, reward), 4)
+    return resumed
+
+
+def test_resume_matches_the_uninterrupted_run(tokenizer, task_prompts, task_reward, tmp_path, fresh_policy):
+    config = PPOConfig(
+        **FAST, gradient_accumulation_steps=2, lr_schedule="cosine", adaptive_kl=True, kl_target=0.5
+    )
+
+    straight = PPOAgent(fresh_policy(), tokenizer, config)
+    straight.train(make(straight, task_prompts, task_reward), 4)
+
+    resumed = interrupt_and_resume(
+        fresh_policy, tokenizer, task_prompts, task_reward, config, tmp_path / "ck"
+    )
 
     assert resumed.kl_controller.value == pytest.approx(straight.kl_controller.value, rel=1e-12)
     for (name, a), b in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().values()):
@@ -143,24 +149,9 @@ def test_reward_model_critic_trains_and_resumes_exactly(
     moved = [k for k, v in straight.critic.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.startswith("backbone.") for k in moved) and "head.linear.weight" in moved
 
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_two(update, stats):
-        if update == 2:
-            raise Interrupt
-
-    interrupted = PPOAgent(fresh_policy(), tokenizer, config)
-    with pytest.raises(Interrupt):
-        interrupted.train(
-            make(interrupted, task_prompts, task_reward),
-            4,
-            checkpoint_dir=tmp_path / "ck",
-            callback=stop_after_two,
-        )
-    resumed = PPOAgent(fresh_policy(), tokenizer, config)
-    resumed.load_checkpoint(tmp_path / "ck")
-    resumed.train(make(resumed, task_prompts, task_reward), 4)
+    resumed = interrupt_and_resume(
+        fresh_policy, tokenizer, task_prompts, task_reward, config, tmp_path / "ck"
+    )
     for module in ("policy", "critic"):
         a, b = getattr(straight, module).state_dict(), getattr(resumed, module).state_dict()
         for name in a:
