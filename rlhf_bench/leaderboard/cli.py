@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
         dest="size",
         action="store_const",
         const="full",
-        help="3 seeds, more data, 3x the token budget, a wider beta sweep and evaluation (about 1.5 h on 2 CPU cores)",
+        help="3 seeds, more data, 3x the token budget, a wider beta sweep and evaluation (under an hour on 2 CPU cores)",
     )
     size.add_argument(
         "--tiny", dest="size", action="store_const", const="tiny", help="toy sizes, seconds (for smoke tests)"
