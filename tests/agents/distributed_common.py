@@ -7,9 +7,15 @@ they import this as ``tests.agents.distributed_common``, with the repository roo
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from llm_env.distributed import init_distributed, shutdown_distributed
 
 CORPUS = [
     "the film was good and the actors were great",
@@ -49,3 +55,19 @@ def assert_same_weights(actual: dict, expected: dict, atol: float = 2e-5) -> Non
     assert actual.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=atol, rtol=1e-4, msg=name)
+
+
+def run_rank(scenarios: dict[str, Callable[[Path], None]]) -> None:
+    """The rank's side of a test script: ``python test_x.py <scenario> <dir>`` under torchrun, one thread.
+
+    After a scenario returns, the agents it built (their DDP / FSDP wrappers) are collected while the process
+    group still exists, and the group is destroyed on every rank: a gloo group torn down at interpreter exit
+    under a live DDP reducer aborts the process ("terminate called without an active exception") or hangs
+    now and then, which failed a passing test. A scenario that raises skips this: its rank exits non-zero.
+    """
+    torch.set_num_threads(1)
+    init_distributed()
+    scenario, directory = sys.argv[1], Path(sys.argv[2])
+    scenarios[scenario](directory)
+    gc.collect()
+    shutdown_distributed()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,6 @@ from agents.sft import SFTConfig, sft_train
 from llm_env.distributed import (
     all_gather_objects,
     full_state_dict,
-    init_distributed,
     is_main_process,
     rank,
     shard_prompts,
@@ -33,7 +31,7 @@ from llm_env.distributed import (
 )
 from llm_env.models import load_causal_lm
 from llm_env.tiny import tiny_gpt2, word_tokenizer
-from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, good_count
+from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, good_count, run_rank
 
 pytestmark = pytest.mark.slow
 
@@ -407,7 +405,4 @@ def _fail(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    init_distributed()
-    scenario, directory = sys.argv[1], Path(sys.argv[2])
-    {"update": _update, "train": _train, "finetune": _finetune, "fail": _fail}[scenario](directory)
+    run_rank({"update": _update, "train": _train, "finetune": _finetune, "fail": _fail})

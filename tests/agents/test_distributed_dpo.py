@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from agents.dpo import DPOAgent, DPOConfig
 from agents.online_dpo import OnlineDPOAgent, OnlineDPOConfig
 from agents.rollout import Trajectories
-from llm_env.distributed import all_gather_objects, full_state_dict, init_distributed, is_main_process, rank
+from llm_env.distributed import all_gather_objects, full_state_dict, is_main_process, rank
 from llm_env.tiny import tiny_gpt2, word_tokenizer
-from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest
+from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, run_rank
 
 pytestmark = pytest.mark.slow
 
@@ -280,7 +279,4 @@ def _train(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    init_distributed()
-    scenario, directory = sys.argv[1], Path(sys.argv[2])
-    {"update": _update, "train": _train}[scenario](directory)
+    run_rank({"update": _update, "train": _train})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,9 @@ from agents.reinforce_pp import ReinforcePPAgent, ReinforcePPConfig
 from agents.remax import ReMaxAgent, ReMaxConfig
 from agents.rloo import RLOOAgent, RLOOConfig
 from agents.rollout import Trajectories
-from llm_env.distributed import all_gather_objects, full_state_dict, init_distributed, is_main_process, rank
+from llm_env.distributed import all_gather_objects, full_state_dict, is_main_process, rank
 from llm_env.tiny import tiny_gpt2, word_tokenizer
-from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, good_count
+from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, good_count, run_rank
 
 pytestmark = pytest.mark.slow
 
@@ -333,7 +332,4 @@ def _comparable(history: list[dict[str, float]]) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    init_distributed()
-    scenario, directory = sys.argv[1], Path(sys.argv[2])
-    {"update": _update, "train": _train}[scenario](directory)
+    run_rank({"update": _update, "train": _train})
