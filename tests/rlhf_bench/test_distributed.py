@@ -68,7 +68,9 @@ def test_benchmark_trains_ppo_and_rejection_sampling_on_two_processes(tmp_path, 
     rows = {row.agent: row for row in result.rows}
     assert {"sft", "ppo", "rejection-sampling"} <= set(rows)
     for name in ("ppo", "rejection-sampling"):
-        assert 0.0 <= rows[name].win_rate <= 1.0 and rows[name].kl > 0  # trained, evaluated here
+        # Trained, evaluated here: the SFT policy's own KL estimate is 0 up to float rounding (1e-9); a trained
+        # row's is not, though at these toy sizes the sample estimate of a tiny KL may come out negative.
+        assert 0.0 <= rows[name].win_rate <= 1.0 and abs(rows[name].kl) > 1e-5
     ppo = result.records["ppo"]  # the workers' records came back
     assert (
         ppo["sampled_tokens"]
@@ -101,7 +103,9 @@ def test_benchmark_trains_grpo_and_dpo_on_two_processes(tmp_path, tiny_cache, fa
     rows = {row.agent: row for row in result.rows}
     assert {"sft", "grpo", "dpo"} <= set(rows)
     for name in ("grpo", "dpo"):
-        assert 0.0 <= rows[name].win_rate <= 1.0 and rows[name].kl > 0  # trained, evaluated here
+        # Trained, evaluated here: the SFT policy's own KL estimate is 0 up to float rounding (1e-9); a trained
+        # row's is not, though at these toy sizes the sample estimate of a tiny KL may come out negative.
+        assert 0.0 <= rows[name].win_rate <= 1.0 and abs(rows[name].kl) > 1e-5
     grpo = result.records["grpo"]  # the workers' records came back
     spent = [0] + [h["sampled_tokens"] for h in grpo["history"]]
     assert grpo["sampled_tokens"] == spent[-1] >= settings.token_budget > spent[-2]  # both ranks' tokens
