@@ -59,12 +59,12 @@ from transformers import PreTrainedTokenizerBase
 
 from agents.checkpoint import load_training_state, save_training_state
 from agents.losses import LOSS_AGGREGATIONS, aggregate_loss, clipped_surrogate, masked_mean
+from agents.options import OnPolicyOptions
 from agents.policy import SequenceBatch, TokenSampler, add_lora, load_policy, response_forward, save_policy
 from agents.rollout import Trajectories, collect_episodes
 from agents.tracking import append_stat, jsonable, tensorboard_writer
 from llm_env import KL_ESTIMATORS, AdapterDisabled, TextGenVectorEnv, TokenActions, kl_penalty
 from llm_env.distributed import (
-    Strategy,
     all_reduce_means,
     all_reduce_sum,
     all_reduce_sums,
@@ -139,23 +139,12 @@ def clip_loss(
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
-class PGConfig:
-    """The knobs every critic-free agent shares; each algorithm's config subclasses it with its defaults."""
+class PGConfig(OnPolicyOptions):
+    """The knobs every critic-free agent shares; each algorithm's config subclasses it with its defaults. The
+    optimizer, LoRA, strategy, seed and logging fields come from :class:`~agents.options.OnPolicyOptions`."""
 
     learning_rate: float = 1e-6
     """AdamW learning rate (TRL's GRPO and RLOO trainers: 1e-6; tiny models need ~1e-3)."""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas (Llama 2, as PPOConfig)."""
-    adam_eps: float = 1e-5
-    """AdamW epsilon."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning-rate schedule over the updates of :meth:`PGAgent.train` (decaying ones need total_updates)."""
-    warmup_updates: int = 0
-    """Updates of linear learning-rate warmup."""
     prompts_per_update: int = 8
     """Prompts per rollout; the rollout has ``prompts_per_update * group_size`` episodes."""
     group_size: int = 8
@@ -181,27 +170,6 @@ class PGConfig:
     kl_estimator: str = field(default="k1", metadata={"choices": KL_ESTIMATORS})
     """The KL estimator k: of the environment's penalty (``make_env`` passes it; ``train`` checks the
     environment uses it) or of the loss term. A name in :data:`llm_env.KL_ESTIMATORS`."""
-    lora_rank: int = 0
-    """Train LoRA adapters of this rank; the reference is then the base with adapters disabled (0: full)."""
-    lora_alpha: float | None = None
-    """LoRA scaling numerator (default 2 * rank)."""
-    lora_target_modules: str | tuple[str, ...] = "all-linear"
-    """Modules that receive LoRA adapters."""
-    fuse_reference: bool = True
-    """With LoRA, let the environment decode policy and reference in one pass over 2B rows and act from the
-    policy half (``AdapterDisabled(policy, fuse=True)``, as PPOConfig). Ignored without LoRA."""
-    cuda_graphs: bool = False
-    """Replay decode steps as CUDA graphs (CUDA only; see :class:`llm_env.IncrementalLM`)."""
-    strategy: Strategy = "ddp"
-    """On several processes (torchrun): "ddp" keeps a replica of the policy per rank and averages gradients;
-    "fsdp" shards parameters, gradients and optimizer state across ranks (FSDP2 ``fully_shard``; rollouts
-    gather the full weights, which must fit one device). Works with LoRA; ignored in one process."""
-    seed: int = 0
-    """Seed of everything random: prompt choice, sampling, minibatch order."""
-    log_dir: str | None = None
-    """Write TensorBoard logs here."""
-    progress: bool = True
-    """Show a progress bar."""
 
     @property
     def episodes_per_update(self) -> int:
@@ -209,11 +177,12 @@ class PGConfig:
         return self.prompts_per_update * self.group_size
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
 
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.prompts_per_update >= 1, f"prompts_per_update must be >= 1, got {self.prompts_per_update}")
         check(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -238,11 +207,6 @@ class PGConfig:
         check_kl_coef(self.kl_coef)
         check(self.kl_in in ("reward", "loss"), f"kl_in must be 'reward' or 'loss', got {self.kl_in!r}")
         check_kl_estimator(self.kl_estimator)
-        check(self.lora_rank >= 0, "lora_rank must be >= 0 (0 disables LoRA)")
-        check(self.warmup_updates >= 0, "warmup_updates must be >= 0")
-        check(self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
-        if isinstance(self.lora_target_modules, list):
-            self.lora_target_modules = tuple(self.lora_target_modules)
 
     def check_world_size(self, world: int) -> None:
         """Fail before any work when ``world`` processes cannot split the rollout and the minibatches evenly:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from agents.checkpoint import load_training_state, save_training_state
 from agents.kl_controllers import AdaptiveKLController, FixedKLController
 from agents.losses import gae, masked_mean, policy_loss, value_loss
+from agents.options import OnPolicyOptions
 from agents.policy import (
     Critic,
     SequenceBatch,
@@ -54,7 +55,6 @@ from agents.rollout import Trajectories, collect_episodes
 from agents.tracking import append_stat, jsonable, tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
 from llm_env.distributed import (
-    Strategy,
     all_reduce_means,
     all_reduce_sum,
     check_divisible,
@@ -78,23 +78,12 @@ __all__ = ["PPOAgent", "PPOConfig"]
 
 
 @dataclass
-class PPOConfig:
-    """Options of :class:`PPOAgent`. Defaults follow TRL's last PPO trainer unless noted."""
+class PPOConfig(OnPolicyOptions):
+    """Options of :class:`PPOAgent`. Defaults follow TRL's last PPO trainer unless noted; the optimizer, LoRA,
+    strategy, seed and logging fields come from :class:`~agents.options.OnPolicyOptions`."""
 
     learning_rate: float = 1e-5
     """AdamW learning rate (Llama 2 used 1e-6 on 7B-70B; tiny models need ~1e-3)."""
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas (Llama 2)."""
-    adam_eps: float = 1e-5
-    """AdamW epsilon (Llama 2)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (Llama 2: 0.1)."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by global norm (Llama 2: 1.0)."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """Learning-rate schedule over the updates of :meth:`PPOAgent.train`."""
-    warmup_updates: int = 0
-    """Updates of linear learning-rate warmup."""
     episodes_per_update: int = 64
     """Finished episodes collected per PPO update (the rollout batch; Llama 2: 512)."""
     minibatch_size: int = 16
@@ -147,39 +136,14 @@ class PPOConfig:
     """PPO-ptx: weight gamma of the pretraining log-likelihood mixed into the loss (InstructGPT: 27.8)."""
     ptx_batch_size: int = 8
     """Pretraining texts per optimizer step for PPO-ptx."""
-    lora_rank: int = 0
-    """Train LoRA adapters of this rank; the reference is then the base with adapters disabled (0: full)."""
-    lora_alpha: float | None = None
-    """LoRA scaling numerator (default 2 * rank)."""
-    lora_target_modules: str | tuple[str, ...] = "all-linear"
-    """Modules that receive LoRA adapters."""
-    fuse_reference: bool = True
-    """With LoRA, let the environment decode the policy and its adapter-disabled reference in one forward
-    pass over 2B rows (``AdapterDisabled(policy, fuse=True)``) and act from the policy half instead of a
-    second decode: same tokens, log-probabilities and rewards up to float rounding, one pass over the base
-    weights per token instead of two (see :class:`llm_env.decoding.FusedDecoder`; 1.34x faster rollouts on
-    2 CPU cores). Ignored without LoRA."""
-    cuda_graphs: bool = False
-    """Replay the decode steps of the agent's sampler and of environments built by :meth:`PPOAgent.make_env`
-    as CUDA graphs (CUDA only; see :class:`llm_env.IncrementalLM`)."""
-    strategy: Strategy = "ddp"
-    """On several processes (torchrun): "ddp" keeps a replica of the policy per rank and averages gradients
-    (DistributedDataParallel); "fsdp" shards parameters, gradients and optimizer state across ranks (FSDP2
-    ``fully_shard``) for a policy whose training state does not fit one device (rollouts gather the full
-    weights, which must fit one device). Works with LoRA; ignored in one process."""
-    seed: int = 0
-    """Seed of everything random: rollout prompts, sampling, minibatch order."""
-    log_dir: str | None = None
-    """Write TensorBoard logs here."""
-    progress: bool = True
-    """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def check(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(message)
 
-        check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(self.episodes_per_update >= 1, "episodes_per_update must be >= 1")
         check(
             self.minibatch_size >= 1 and self.episodes_per_update % self.minibatch_size == 0,
@@ -203,11 +167,7 @@ class PPOConfig:
         check_kl_coef(self.kl_coef)
         check(not self.adaptive_kl or self.kl_coef > 0, "adaptive_kl needs an initial kl_coef > 0")
         check(self.ptx_coef >= 0, "ptx_coef must be >= 0")
-        check(self.lora_rank >= 0, "lora_rank must be >= 0 (0 disables LoRA)")
         check(self.reward_clip is None or self.reward_clip > 0, "reward_clip must be > 0 or None")
-        check(self.strategy in ("ddp", "fsdp"), f"strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
-        if isinstance(self.lora_target_modules, list):
-            self.lora_target_modules = tuple(self.lora_target_modules)
 
     def check_world_size(self, world: int) -> None:
         """Fail before any work when ``world`` processes cannot split the rollout and the minibatches evenly."""
