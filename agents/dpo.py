@@ -404,7 +404,8 @@ def context_length(model: nn.Module) -> int | None:
 class PreferencePolicy:
     """What offline and online DPO set up alike: the policy (with LoRA adapters when ``lora_rank > 0``), its
     tokenizer and device, the frozen reference, the data-parallel trainer, AdamW and the learning-rate
-    schedule (made constant here and rebuilt for the run's length by ``train``); and the checkpoints, which
+    schedule (made constant here and rebuilt for the run's length by ``train``), the seeded sampler it acts
+    with; and the checkpoints, which
     differ only in the counters each agent saves (:meth:`_counters`)."""
 
     def _setup_policy(
@@ -438,6 +439,10 @@ class PreferencePolicy:
             weight_decay=config.weight_decay,
         )
         self.scheduler = make_scheduler(self.optimizer, "constant", total_steps=1)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
+        """The acting half: samples with the policy's KV cache (seeded with ``config.seed``)."""
 
     def _counters(self) -> dict[str, Any]:
         """The agent's progress, saved in the checkpoint (its resume point)."""
@@ -502,10 +507,7 @@ class DPOAgent(PreferencePolicy):
         self._setup_policy(policy, tokenizer, config, reference, device)
         self.step = 0
         """Optimizer steps taken (the resume point)."""
-        self.pad_id = pad_token_id(self.tokenizer)
         self._data_key: str | None = None
-        self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
 
     def act(self, obs: dict[str, torch.Tensor], restarted: np.ndarray) -> TokenActions:
         """Sample the next tokens with the policy's KV cache; report their log-probabilities."""

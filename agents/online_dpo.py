@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from agents.dpo import LossType, PreferencePolicy, pair_batch, preference_loss
-from agents.policy import SequenceBatch, TokenSampler
+from agents.policy import SequenceBatch
 from agents.rollout import Trajectories, collect_episodes
 from agents.tracking import scalar, tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
@@ -57,7 +57,6 @@ from llm_env.distributed import (
     rank_seed,
     shard_prompts,
 )
-from llm_env.models import pad_token_id
 from llm_env.training import make_scheduler, trainable_parameters
 
 __all__ = ["OnlineDPOAgent", "OnlineDPOConfig"]
@@ -177,9 +176,6 @@ class OnlineDPOAgent(PreferencePolicy):
         """Pairs skipped so far because the reward model scored both responses the same."""
         self.optimizer_steps = 0
         """Optimizer (gradient) steps taken so far (an update of ties only takes none)."""
-        self.pad_id = pad_token_id(self.tokenizer)
-        self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
 
     # ------------------------------------------------------------------------------------- wiring
     @property
