@@ -43,7 +43,7 @@ class OnPolicyOptions:
     """With LoRA, let the environment decode the policy and its adapter-disabled reference in one forward
     pass over 2B rows (``AdapterDisabled(policy, fuse=True)``) and act from the policy half instead of a
     second decode: same tokens, log-probabilities and rewards up to float rounding, one pass over the base
-    weights per token instead of two (see :class:`llm_env.decoding.FusedDecoder`; 1.34x faster rollouts on
+    weights per token instead of two (see :class:`llm_env.fused.FusedDecoder`; 1.34x faster rollouts on
     2 CPU cores). Ignored without LoRA."""
     cuda_graphs: bool = False
     """Replay the decode steps of the agent's sampler and of environments built by its ``make_env`` as CUDA

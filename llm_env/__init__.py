@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import gymnasium
 
+from llm_env.attention import UnsupportedArchitectureError
 from llm_env.config import AdapterDisabled, EnvConfig
 from llm_env.core import EpisodeBatch, TokenActions
-from llm_env.decoding import FusedDecoder, IncrementalLM, SlotCache
+from llm_env.decoding import IncrementalLM, SlotCache
 from llm_env.envs import TextGenEnv, TextGenVectorEnv
+from llm_env.fused import FusedDecoder
 from llm_env.kl import KL_ESTIMATORS, kl_penalty, register_kl_estimator
 from llm_env.prompts import load_prompts
 from llm_env.reward import SequenceClassifierReward
@@ -36,6 +38,7 @@ __all__ = [
     "TextGenVectorEnv",
     "TokenActions",
     "TorchToNumpy",
+    "UnsupportedArchitectureError",
     "kl_penalty",
     "load_prompts",
     "register_kl_estimator",

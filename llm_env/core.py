@@ -30,7 +30,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from llm_env.config import AdapterDisabled, EnvConfig
-from llm_env.decoding import FusedDecoder, IncrementalLM, host_to_device, left_pad
+from llm_env.decoding import IncrementalLM, host_to_device, left_pad
+from llm_env.fused import FusedDecoder
 from llm_env.kl import kl_penalty
 from llm_env.models import (
     load_causal_lm,

@@ -12,8 +12,12 @@ with the ``sdpa`` or ``eager`` attention implementations.
 :class:`IncrementalLM` wraps a causal LM with such a cache. The environment uses it for the frozen
 reference model and agents use it for the policy, so both advance by one token per step instead of
 re-encoding the context (RL4LMs re-encodes, which costs 10x and more at 128 new tokens).
-:class:`FusedDecoder` runs a LoRA policy and its adapter-disabled reference as the two halves of one such
-cache, so that a single forward pass per step serves both the agent and the environment.
+:class:`llm_env.fused.FusedDecoder` runs a LoRA policy and its adapter-disabled reference as the two halves
+of one such cache, so that a single forward pass per step serves both the agent and the environment.
+
+The mask also carries what the model's own mask would: the sliding window of local-attention layers
+(Mistral, Gemma 2/3, Qwen2 with ``use_sliding_window``), one mask per layer type when the types differ
+(:mod:`llm_env.attention`). Architectures it cannot reproduce exactly are refused when the cache is built.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from llm_env.attention import UnsupportedArchitectureError, attention_layout
 from llm_env.models import accepts_kwarg, cache_kwarg, model_context_length, model_device, unwrap_model
 
 __all__ = [
     "DecodeOutput",
-    "FusedDecoder",
     "IncrementalLM",
     "SlotCache",
     "host_to_device",
@@ -77,6 +81,7 @@ class _SlotLayer(CacheLayerMixin):
         self.batch_size = batch_size
         self.capacity = capacity
         self.plan = plan
+        self.writes = 0  # calls of update(), so that a layer that bypasses the cache is caught
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, heads, _, key_dim = key_states.shape
@@ -91,6 +96,7 @@ class _SlotLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.writes += 1
         plan = self.plan
         if plan.prefill_rows is not None:
             # Prefill: the new rows' keys fill slots [0, P); attention reads only these fresh states.
@@ -194,6 +200,7 @@ class IncrementalLM:
                 f"IncrementalLM needs an attention implementation that accepts 4-D masks ('sdpa' or 'eager'), "
                 f"but the model uses {attn!r}; load it with attn_implementation='sdpa'"
             )
+        self.layout = attention_layout(model)  # raises UnsupportedArchitectureError
         limit = model_context_length(model)
         if limit is not None and capacity > limit[0]:
             raise ValueError(
@@ -223,15 +230,15 @@ class IncrementalLM:
     def _forward(
         self,
         input_ids: torch.Tensor,
-        mask: torch.Tensor,
+        allowed: torch.Tensor,
+        distance: torch.Tensor,
         positions: torch.Tensor,
         hidden: bool,
         extra: Mapping[str, Any] | None,
     ) -> Any:
-        min_value = torch.finfo(self.dtype).min
-        additive = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill_(
-            ~mask, min_value
-        )
+        """One forward pass over the cache; ``allowed`` and ``distance`` (query minus key position) define
+        the attention masks of every layer type (see :meth:`llm_env.attention.AttentionLayout.masks`)."""
+        additive = self.layout.masks(allowed, distance, self.dtype)
         kwargs: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": additive,
@@ -282,12 +289,15 @@ class IncrementalLM:
         cols = torch.arange(width, device=self.device)
         # (n, 1, P, P): a query attends to real keys at or before itself.
         mask = (cols[None, None, :] <= cols[None, :, None]) & (cols[None, None, :] >= offsets[:, None, None])
+        distance = cols[:, None] - cols[None, :]  # (P, P): query column minus key column
         positions = (cols[None, :] - offsets[:, None]).clamp_(min=0)
         self.cache.plan.prefill_rows = rows_t
+        before = [layer.writes for layer in self.cache.layers]
         try:
-            out = self._forward(input_ids, mask[:, None], positions, hidden, forward_kwargs)
+            out = self._forward(input_ids, mask[:, None], distance, positions, hidden, forward_kwargs)
         finally:
             self.cache.plan.prefill_rows = None
+        self._check_every_layer_cached(before)
         self.offset[rows_t] = offsets
         self.length[rows_t] = host_to_device(lengths, self.device)
         self._end[np.asarray(rows)] = width
@@ -332,14 +342,30 @@ class IncrementalLM:
         kv_len = int(min(self._end.max() + 1, self.capacity))
         slots = self._slots[:kv_len]
         mask = (slots[None, :] >= self.offset[:, None]) & (slots[None, :] <= write[:, None])  # (B, kv_len)
+        distance = write[:, None] - slots[None, :]  # (B, kv_len): the new token's position minus each key's
         plan = self.cache.plan
         plan.write_index, plan.kv_len = write, kv_len
-        out = self._forward(tokens, mask[:, None, None, :], positions, hidden, forward_kwargs)
+        out = self._forward(
+            tokens, mask[:, None, None, :], distance[:, None, None, :], positions, hidden, forward_kwargs
+        )
         self._advance(step, grown)
         return DecodeOutput(
             logits=out.logits[:, -1].float(),
             hidden=out.hidden_states[-1][:, -1] if hidden else None,
         )
+
+    def _check_every_layer_cached(self, before: list[int]) -> None:
+        """Every layer must have written its keys and values exactly once in the forward pass just run: a
+        layer that keeps a state of its own (a recurrent or linear-attention layer) or reads another's
+        cache would otherwise decode from stale or missing keys."""
+        missed = [i for i, (layer, n) in enumerate(zip(self.cache.layers, before)) if layer.writes != n + 1]
+        if missed:
+            raise UnsupportedArchitectureError(
+                f"{type(unwrap_model(self.model)).__name__}: layers {missed} of {len(self.cache.layers)} did "
+                "not write exactly one key/value block to the KV cache in a forward pass (layers with a "
+                "state of their own, or that share another layer's cache); the slot KV cache cannot decode "
+                "this model exactly"
+            )
 
     def _next_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) the slot each row's next key goes to and (B, 1) the position of its next token.
@@ -365,9 +391,12 @@ class IncrementalLM:
         """
         write, positions = self._next_slots()
         mask = (self._slots[None, :] >= self.offset[:, None]) & (self._slots[None, :] <= write[:, None])
+        distance = write[:, None] - self._slots[None, :]
         plan = self.cache.plan
         plan.write_index, plan.kv_len = write, self.capacity
-        out = self._forward(tokens, mask[:, None, None, :], positions, False, None)
+        out = self._forward(
+            tokens, mask[:, None, None, :], distance[:, None, None, :], positions, False, None
+        )
         return out.logits[:, -1].float()
 
     def _graph_step(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -455,162 +484,6 @@ def _weight_major_head(head: nn.Linear | None) -> Any:
         yield
     finally:
         del head.forward
-
-
-def _plain_lora_layers(model: nn.Module, adapter: str) -> list[nn.Module] | None:
-    """The layers carrying ``adapter`` when every one is an unmerged vanilla LoRA ``Linear`` (output
-    ``base(x) + lora_B(lora_A(x)) * scaling``), else None."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    layers = []
-    for module in model.modules():
-        names = getattr(module, "adapter_layer_names", ("lora_A", "lora_B", "lora_embedding_A"))
-        if not isinstance(module, LoraLayer) or not any(adapter in getattr(module, n, {}) for n in names):
-            continue  # not a LoRA layer, or one without this adapter
-        if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter):
-            raise ValueError(
-                "AdapterDisabled(fuse=True) supports plain LoRA adapters, not DoRA or other LoRA variants; "
-                "use fuse=False"
-            )
-        if type(module) is not LoraLinear or module.merged:
-            return None
-        layers.append(module)
-    return layers or None
-
-
-def _row_mask(n: int, device: torch.device) -> torch.Tensor:
-    """(2n, 1, 1): 1 on the n policy rows, 0 on the n reference rows that follow them."""
-    mask = torch.zeros(2 * n, 1, 1, device=device)
-    mask[:n] = 1.0
-    return mask
-
-
-class _RowMaskedLora:
-    """Forward hooks, present only inside :meth:`active`, that zero the LoRA term of masked-out rows."""
-
-    def __init__(self, layers: list[nn.Module], adapter: str) -> None:
-        self.layers = layers
-        self.outputs = [layer.lora_B[adapter] for layer in layers]
-        self.row_mask: torch.Tensor | None = None
-
-    def _hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        return output * self.row_mask.to(output.dtype)  # (2n, T, out) * (2n, 1, 1)
-
-    @contextlib.contextmanager
-    def active(self) -> Any:
-        if any(layer.merged for layer in self.layers):
-            raise RuntimeError(
-                "the LoRA adapter is merged into the base weights, which are then no longer the reference"
-            )
-        handles = [module.register_forward_hook(self._hook) for module in self.outputs]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-class FusedDecoder:
-    """A LoRA policy and its adapter-disabled reference decoded in one forward pass over 2B rows.
-
-    Why: on a memory-bound decode step, reading the weights costs more than the arithmetic (on 2 CPU cores
-    a GPT-2 step over 32 rows costs ~1.4x one over 16 rows, and the 50257 x 384 LM head alone is half of
-    it). With LoRA the reference is the policy's own base weights, so rows ``[0, B)`` run with the adapter
-    and rows ``[B, 2B)`` without it: one pass over the base weights serves both models, instead of one for
-    the agent's policy decode and one for the environment's reference decode.
-
-    How the reference rows lose the adapter: for vanilla LoRA on linear layers (what
-    :func:`agents.add_lora` builds), a forward hook multiplies each ``lora_B`` output by a per-row 0/1
-    mask, so the reference rows compute ``base(x) + 0``, exactly the base; no Python list reaches the
-    forward, so there is no host-to-device copy per layer on a GPU. Other LoRA layers (on embeddings,
-    convolutions, quantized linears) use peft's mixed-batch ``adapter_names`` forward with its special
-    name ``"__base__"`` instead, which builds index tensors per layer and call. DoRA and other LoRA
-    variants are refused (peft has no mixed-batch forward for them).
-
-    The environment owns it (``reference=AdapterDisabled(peft_model, fuse=True)``) and reads the reference
-    half itself, so the reference log-probabilities are never taken from the agent. The policy half is kept
-    as :attr:`policy_logits`, the policy's next-token logits of the current states, together with the
-    observation tensor they belong to (:meth:`mark_observation`, called by the environment when it builds
-    an observation). An agent reads them through the public call
-    :meth:`llm_env.TextGenVectorEnv.policy_logits` of the environment it was given, with the observation it
-    was handed, and samples from them instead of running its own decode; for any other observation (a copy,
-    a stale one) that call returns None and the agent decodes itself.
-
-    Both halves always hold the same tokens (the environment's states), prefilled and advanced together, so
-    the per-row slot cache and its restart semantics are those of :class:`IncrementalLM` over 2B rows.
-    The policy half is computed with the adapter weights of the time of the forward pass, exactly as an
-    agent's own cache would be.
-    """
-
-    def __init__(self, model: nn.Module, batch_size: int, capacity: int, *, cuda_graph: bool = False) -> None:
-        adapter = getattr(model, "active_adapter", None)
-        if not isinstance(adapter, str):
-            raise ValueError(
-                f"a fused reference needs a peft model with one active adapter, got active_adapter={adapter!r}"
-            )
-        self.model = model
-        self.adapter = adapter
-        self.batch_size = int(batch_size)
-        layers = _plain_lora_layers(model, adapter)
-        self._masking = _RowMaskedLora(layers, adapter) if layers is not None else None
-        context = self._masking.active if self._masking is not None else None
-        self.lm = IncrementalLM(model, 2 * self.batch_size, capacity, context=context, cuda_graph=cuda_graph)
-        self.device = self.lm.device
-        self._decode_mask = _row_mask(self.batch_size, self.device)
-        self.policy_logits: torch.Tensor | None = None  # (B, V) float32, next-token logits of the policy
-        self.observation: torch.Tensor | None = None  # the observation the policy logits belong to
-
-    def _forward_kwargs(self, n: int) -> dict[str, Any]:
-        """Per-call arguments for n policy rows followed by n reference rows."""
-        if self._masking is not None:
-            self._masking.row_mask = self._decode_mask if n == self.batch_size else _row_mask(n, self.device)
-            return {}
-        return {"adapter_names": [self.adapter] * n + ["__base__"] * n}
-
-    def prefill(
-        self, rows: torch.Tensor | np.ndarray, input_ids: torch.Tensor, lengths: np.ndarray
-    ) -> DecodeOutput:
-        """(Re)start ``rows`` in both halves; returns the reference's logits for these rows, (n, V)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        n = len(rows)
-        input_ids = input_ids.to(self.device)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        out = self.lm.prefill(
-            np.concatenate([rows, rows + self.batch_size]),
-            torch.cat([input_ids, input_ids]),
-            np.concatenate([lengths, lengths]),
-            forward_kwargs=self._forward_kwargs(n),
-        )
-        if self.policy_logits is None:
-            self.policy_logits = out.logits.new_zeros(self.batch_size, out.logits.shape[-1])
-        self.policy_logits[host_to_device(rows, self.device)] = out.logits[:n]
-        self.observation = None
-        return DecodeOutput(logits=out.logits[n:])
-
-    def decode(self, tokens: torch.Tensor, *, advance: np.ndarray | None = None) -> DecodeOutput:
-        """Append ``tokens`` (B,) to both halves, in the rows ``advance`` (host bool, default all; see
-        :meth:`IncrementalLM.decode`); returns the reference's next-token logits, (B, V)."""
-        tokens = tokens.to(self.device)
-        both = None if advance is None else np.concatenate([advance, advance])
-        out = self.lm.decode(
-            torch.cat([tokens, tokens]), advance=both, forward_kwargs=self._forward_kwargs(self.batch_size)
-        )
-        self.policy_logits = out.logits[: self.batch_size]
-        self.observation = None
-        return DecodeOutput(logits=out.logits[self.batch_size :])
-
-    def mark_observation(self, input_ids: torch.Tensor) -> None:
-        """Declare ``input_ids`` (the tensor handed to the agent) to be the state of :attr:`policy_logits`."""
-        self.observation = input_ids
-
-    def logits_for(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """:attr:`policy_logits` if ``input_ids`` is the very observation tensor they belong to, else None."""
-        if self.policy_logits is not None and self.observation is input_ids:
-            return self.policy_logits
-        return None
 
 
 def left_pad(

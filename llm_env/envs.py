@@ -16,7 +16,8 @@ from torch import nn
 
 from llm_env.config import EnvConfig
 from llm_env.core import EpisodeBatch, StepResult, TokenActions
-from llm_env.decoding import FusedDecoder, host_to_device
+from llm_env.decoding import host_to_device
+from llm_env.fused import FusedDecoder
 from llm_env.kl import check_kl_coef
 from llm_env.prompts import PromptSampler, validate_indices
 
@@ -550,7 +551,7 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         """Next-token logits ``(B, V)`` of the fused policy for ``observation``, or None.
 
         With ``reference=AdapterDisabled(policy, fuse=True)`` each step decodes the policy and its
-        reference in one forward pass (:class:`llm_env.decoding.FusedDecoder`); an agent acting with that
+        reference in one forward pass (:class:`llm_env.fused.FusedDecoder`); an agent acting with that
         policy reads the policy half here instead of decoding again. The logits are returned only for
         the very observation this environment returned last (not a copy, not an earlier one) and, when
         ``model`` is given, only if it is the fused policy; otherwise the agent must decode itself. The

@@ -23,7 +23,17 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-__all__ = ["SPECIAL_TOKENS", "numbered_tokenizer", "tiny_gpt2", "tiny_llama", "word_tokenizer"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "TINY_ARCHITECTURES",
+    "chat_tokenizer",
+    "numbered_tokenizer",
+    "tiny_causal_lm",
+    "tiny_gpt2",
+    "tiny_llama",
+    "word_tokenizer",
+]
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 
@@ -61,6 +71,27 @@ def numbered_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)})
     return _wrap(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+
+
+# The ChatML layout of Qwen and SmolLM instruct models: each turn is "<|im_start|>role\ncontent<|im_end|>\n".
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def chat_tokenizer(
+    corpus: Iterable[str],
+    *,
+    template: str = CHATML_TEMPLATE,
+    turn_tokens: tuple[str, str] = ("<|im_start|>", "<|im_end|>"),
+) -> PreTrainedTokenizerFast:
+    """A :func:`word_tokenizer` that carries a chat template (ChatML by default) and its turn markers as
+    special tokens, like an instruct model's tokenizer; the role names are words of its vocabulary."""
+    tokenizer = word_tokenizer([*corpus, "system user assistant"])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(turn_tokens)})
+    tokenizer.chat_template = template
+    return tokenizer
 
 
 def _ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
@@ -129,3 +160,125 @@ def tiny_llama(
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(config) if classifier else LlamaForCausalLM(config)
     return model.eval()
+
+
+def _decoder(**fields: Any) -> dict[str, Any]:
+    """The common shape of a tiny rotary decoder (2 layers of width 32, 4 query and 2 key/value heads)."""
+    shape = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return {**shape, **fields}
+
+
+# The architecture conformance matrix: name -> (transformers config class, causal-LM class, config fields).
+# Tiny random configurations of the families users bring, each with the feature that makes it different;
+# the sliding windows (4 tokens) are shorter than an episode, so decoding crosses them. Adding an
+# architecture to every conformance test is one line here.
+TINY_ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, n_positions=256)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", _decoder()),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _decoder()),
+    "qwen2-sliding": (  # use_sliding_window: layers from max_window_layers on slide
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        _decoder(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    ),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _decoder(head_dim=8)),  # QK-norm
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        _decoder(head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", _decoder(head_dim=8, sliding_window=4)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        _decoder(head_dim=8, sliding_window=4, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "gemma2": (  # alternating local/global layers, attention and final logit soft-capping (eager)
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        _decoder(
+            head_dim=8,
+            sliding_window=4,
+            query_pre_attn_scalar=8,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        ),
+    ),
+    "gemma3": (  # five local layers to one global in the real models; two to one here, QK-norm
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        _decoder(
+            head_dim=8,
+            num_hidden_layers=3,
+            sliding_window=4,
+            query_pre_attn_scalar=8,
+            final_logit_softcapping=30.0,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        ),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", _decoder(sliding_window=None)),  # fused qkv, partial rotary
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _decoder()),  # post-norm, QK-norm
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", _decoder(no_rope_layers=[1, 0])),  # a NoPE layer
+    "gpt-neox": (  # parallel attention and MLP, rotary on half the head
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            rotary_pct=0.5,
+        ),
+    ),
+    "falcon": (  # parallel attention, multi-query
+        "FalconConfig",
+        "FalconForCausalLM",
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256),
+    ),
+    "opt": (  # learned positions
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            word_embed_proj_dim=32,
+        ),
+    ),
+    "phi": (  # parallel attention, partial rotary, biases
+        "PhiConfig",
+        "PhiForCausalLM",
+        _decoder(num_key_value_heads=4, partial_rotary_factor=0.5),
+    ),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", _decoder(sliding_window=4)),
+}
+
+
+def tiny_causal_lm(
+    architecture: str, tokenizer: PreTrainedTokenizerFast, *, seed: int = 0, **config_fields: Any
+) -> PreTrainedModel:
+    """A tiny random causal LM of one of :data:`TINY_ARCHITECTURES`, sized to ``tokenizer``; ``config_fields``
+    override the matrix's fields (e.g. ``sliding_window``)."""
+    import transformers
+
+    try:
+        config_name, model_name, fields = TINY_ARCHITECTURES[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unknown tiny architecture {architecture!r}; choose one of {sorted(TINY_ARCHITECTURES)}"
+        ) from None
+    config = getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), **_ids(tokenizer), **{**fields, **config_fields}
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, model_name)(config).eval()

@@ -19,7 +19,7 @@ same randomly initialised models (built from configs, nothing is downloaded), ba
 ``monolithic-lora``     (b') as (b) with a LoRA policy and its base (adapter disabled) as the reference.
 ``env-lora``            (c') as (c) with a LoRA policy and ``AdapterDisabled(policy)`` as the reference.
 ``env-fused``           (c'') as (c') with ``AdapterDisabled(policy, fuse=True)``: policy and reference rows
-                        decoded in one forward pass (see :class:`llm_env.decoding.FusedDecoder`).
+                        decoded in one forward pass (see :class:`llm_env.fused.FusedDecoder`).
 ``env-graphs``          (c, CUDA only) as (c) with ``cuda_graphs``: the agent's and the reference's decode
                         steps replayed as CUDA graphs (see :class:`llm_env.IncrementalLM`).
 ``env-fused-graphs``    (c'', CUDA only) as (c'') with the fused decode step replayed as a CUDA graph.

@@ -6,7 +6,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import llm_env
-from llm_env.decoding import FusedDecoder, IncrementalLM, left_pad
+from llm_env.decoding import IncrementalLM, left_pad
+from llm_env.fused import FusedDecoder
 from llm_env.tiny import tiny_gpt2, tiny_llama
 
 PROMPTS = ["the film was", "a great movie", "i liked the", "this book is", "the food was cold and"]

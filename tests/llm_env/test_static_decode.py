@@ -7,13 +7,17 @@ import torch
 import llm_env
 from agents.policy import TokenSampler
 from llm_env.decoding import IncrementalLM, left_pad
-from llm_env.tiny import tiny_gpt2, tiny_llama
+from llm_env.tiny import tiny_causal_lm, tiny_gpt2, tiny_llama
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral", "gemma3"])
 def test_full_window_step_equals_the_decode_across_restarts(arch, request, tokenizer):
-    """Attention over the whole masked cache window gives the logits of the exact-window decode."""
-    model = request.getfixturevalue(arch)
+    """Attention over the whole masked cache window gives the logits of the exact-window decode, sliding
+    windows (4 tokens, crossed here) included."""
+    if arch in ("gpt2", "llama"):
+        model = request.getfixturevalue(arch)
+    else:
+        model = tiny_causal_lm(arch, tokenizer, seed=1)
     vocab, batch = len(tokenizer), 3
     rng = np.random.default_rng(1)
     lm = IncrementalLM(model, batch, capacity=20)
