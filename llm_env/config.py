@@ -30,7 +30,7 @@ class AdapterDisabled:
     one forward pass, B with the adapter (the policy) and B without (the reference), keeps the reference
     half for the KL reward and exposes the policy half's next-token logits to an agent acting with the
     same model (:class:`agents.TokenSampler`, :class:`agents.PPOAgent`), which then samples from them
-    instead of running its own KV cache; see :class:`llm_env.decoding.FusedDecoder`. The environment
+    instead of running its own KV cache; see :class:`llm_env.fused.FusedDecoder`. The environment
     still computes the reference log-probabilities itself, and tokens, log-probabilities and rewards are
     those of the unfused environment up to float rounding. Other agents are unaffected (they decode
     themselves; the policy half is then computed for nothing).
@@ -55,7 +55,8 @@ class EnvConfig:
     """
 
     prompts: PromptSource
-    """A JSONL path (one ``{"prompt": ...}`` per line) or any iterable of strings / mappings."""
+    """A JSONL path (one ``{"prompt": ...}`` per line) or any iterable of strings / mappings. A prompt may be
+    a conversation, ``[{"role": "user", "content": ...}, ...]``, rendered with the chat template."""
     reward: Any
     """Reward source: a batched callable ``(prompts, responses) -> scores``, a sequence-classification
     model object, or a path / hub name of one (including a directory saved by ``rewards.RewardModel``)."""
@@ -85,7 +86,9 @@ class EnvConfig:
     vocabulary, so an agent sampling from the model's full logits must mask them. Without a reference
     both mean the tokenizer's ids."""
     stop_token_ids: Sequence[int] | None = None
-    """Tokens that terminate an episode; defaults to the tokenizer's EOS token."""
+    """Tokens that terminate an episode; defaults to the tokenizer's EOS token, and with chat prompts also
+    the chat template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``: see
+    :func:`llm_env.chat.end_of_turn_ids`)."""
     missing_eos_penalty: float | None = None
     """Subtracted from the final reward of a response truncated before any stop token (as TRL's PPO)."""
     prompt_order: PromptOrder = "shuffle"
@@ -94,7 +97,8 @@ class EnvConfig:
     prompt_key: str = "prompt"
     """Field holding the prompt in JSONL objects and mappings."""
     chat_template: bool = False
-    """Wrap each prompt as a user message with the tokenizer's chat template."""
+    """Wrap each text prompt as a user message and render it with the tokenizer's chat template (prompts
+    given as conversations, lists of ``{"role", "content"}`` messages, are always rendered so)."""
     reward_tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None
     """Tokenizer of a reward-model object (a reward path loads its own)."""
     reward_batch_size: int = 32

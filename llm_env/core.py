@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from llm_env.chat import ChatPrompt, end_of_turn_ids
 from llm_env.config import AdapterDisabled, EnvConfig
 from llm_env.decoding import IncrementalLM, host_to_device, left_pad
 from llm_env.fused import FusedDecoder
@@ -149,9 +150,9 @@ class EpisodeBatch:
         self.vocab_size = len(self.tokenizer) if config.action_vocab == "tokenizer" else self.model_vocab_size
         self.reference = reference
 
-        self.prompts = load_prompts(config.prompts, key=config.prompt_key)
-        self._prompt_ids = tokenize_prompts(
-            self.prompts,
+        # Texts: what the reward source and the completion infos see (a ChatPrompt for a rendered conversation).
+        self.prompts, self._prompt_ids = tokenize_prompts(
+            load_prompts(config.prompts, key=config.prompt_key),
             self.tokenizer,
             max_length=config.max_prompt_length,
             truncation_side=config.truncation_side,
@@ -167,6 +168,8 @@ class EpisodeBatch:
         stop = config.stop_token_ids
         if stop is None:
             stop = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+            if any(isinstance(p, ChatPrompt) for p in self.prompts):  # instruct models end their turn first
+                stop += [t for t in end_of_turn_ids(self.tokenizer) if t not in stop]
         stop = [int(t) for t in stop]
         if any(not 0 <= t < self.vocab_size for t in stop):
             raise ValueError(f"stop_token_ids {stop} are outside the vocabulary [0, {self.vocab_size})")

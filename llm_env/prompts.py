@@ -2,7 +2,8 @@
 
 Prompts come from a list of strings, a JSONL file with one ``{"prompt": ...}`` object per line, or any
 iterable of strings or mappings (a ``datasets.Dataset`` iterates as mappings, so it works without
-``datasets`` being a dependency). Every malformed entry is reported with its line number (files) or its
+``datasets`` being a dependency). A prompt may also be a conversation, a list of ``{"role", "content"}``
+messages, rendered with the tokenizer's chat template (:mod:`llm_env.chat`). Every malformed entry is reported with its line number (files) or its
 position (iterables) and the field at fault, and nothing is skipped silently.
 """
 
@@ -16,9 +17,20 @@ from typing import Any, Literal
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PromptOrder", "PromptSampler", "PromptSource", "load_prompts", "read_jsonl", "tokenize_prompts"]
+from llm_env.chat import Conversation, as_conversation, render
+
+__all__ = [
+    "Prompt",
+    "PromptOrder",
+    "PromptSampler",
+    "PromptSource",
+    "load_prompts",
+    "read_jsonl",
+    "tokenize_prompts",
+]
 
 PromptSource = str | os.PathLike | Iterable[Any]
+Prompt = str | Conversation
 PromptOrder = Literal["shuffle", "sequential"]
 
 
@@ -48,25 +60,32 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
     return rows
 
 
-def _prompt_text(value: Any, key: str, where: str) -> str:
+def _prompt(value: Any, key: str, where: str) -> Prompt:
     if isinstance(value, Mapping):
         if key not in value:
             raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(value)})")
         value = value[key]
+    conversation = as_conversation(value, f"{where}: field {key!r}")
+    if conversation is not None:
+        return conversation
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise ValueError(
+            f"{where}: field {key!r} must be a string or a list of chat messages, got {type(value).__name__}"
+        )
     if not value.strip():
         raise ValueError(f"{where}: field {key!r} is empty")
     return value
 
 
-def load_prompts(source: PromptSource, *, key: str = "prompt") -> list[str]:
-    """Return the prompts of ``source`` as a list of strings.
+def load_prompts(source: PromptSource, *, key: str = "prompt") -> list[Prompt]:
+    """Return the prompts of ``source``: strings, and conversations (lists of ``{"role", "content"}`` dicts).
 
     Args:
-        source: a path to a ``.jsonl`` file, or an iterable of strings or mappings (``datasets.Dataset``,
-            list of dicts, generator, ...). A bare string is always a path: wrap a single prompt in a list.
-        key: the field holding the prompt text in JSONL objects and mappings.
+        source: a path to a ``.jsonl`` file, or an iterable of strings, conversations or mappings
+            (``datasets.Dataset``, list of dicts, generator, ...). A bare string is always a path: wrap a
+            single prompt in a list.
+        key: the field holding the prompt (text or conversation) in JSONL objects and mappings, e.g.
+            ``"messages"``.
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -74,10 +93,10 @@ def load_prompts(source: PromptSource, *, key: str = "prompt") -> list[str]:
             raise FileNotFoundError(
                 f"prompt file not found: {path} (a string is read as a path; pass a list for literal prompts)"
             )
-        prompts = [_prompt_text(obj, key, f"{path}:{line}") for line, obj in read_jsonl(path)]
+        prompts = [_prompt(obj, key, f"{path}:{line}") for line, obj in read_jsonl(path)]
         where = path
     elif isinstance(source, Iterable):
-        prompts = [_prompt_text(item, key, f"prompt source item {i}") for i, item in enumerate(source)]
+        prompts = [_prompt(item, key, f"prompt source item {i}") for i, item in enumerate(source)]
         where = "the prompt source"
     else:
         raise TypeError(f"prompts must be a path or an iterable, got {type(source).__name__}")
@@ -87,28 +106,35 @@ def load_prompts(source: PromptSource, *, key: str = "prompt") -> list[str]:
 
 
 def tokenize_prompts(
-    texts: Sequence[str],
+    prompts: Sequence[Prompt],
     tokenizer: PreTrainedTokenizerBase,
     *,
     max_length: int | None,
     truncation_side: Literal["left", "right"] | None,
     chat_template: bool,
     vocab_size: int,
-) -> list[np.ndarray]:
-    """Token ids of every prompt (one batched tokenizer call), truncated as configured.
+) -> tuple[list[str], list[np.ndarray]]:
+    """The text and the token ids of every prompt, truncated as configured.
 
-    All prompts are checked up front, so a prompt that does not fit fails at construction, naming its
-    index, rather than in the middle of training.
+    Conversations (and, with ``chat_template``, text prompts as one user message) are rendered with the
+    tokenizer's chat template up to the assistant's turn; their text is a :class:`~llm_env.chat.ChatPrompt`
+    carrying the messages. Plain texts are tokenized in one batched call. All prompts are checked up front,
+    so a prompt that does not fit fails at construction, naming its index, rather than in the middle of
+    training.
     """
-    if chat_template:
-        encoded = []
-        for text in texts:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True
-            )
-            encoded.append(ids["input_ids"] if isinstance(ids, Mapping) else ids)
-    else:
-        encoded = tokenizer(list(texts))["input_ids"]
+    texts: list[str] = []
+    encoded: list[Any] = []
+    plain = [i for i, p in enumerate(prompts) if isinstance(p, str) and not chat_template]
+    plain_ids = dict(zip(plain, tokenizer([prompts[i] for i in plain])["input_ids"])) if plain else {}
+    for index, prompt in enumerate(prompts):
+        if index in plain_ids:
+            texts.append(prompt)
+            encoded.append(plain_ids[index])
+            continue
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text, ids = render(tokenizer, messages)
+        texts.append(text)
+        encoded.append(ids)
     out = []
     for index, (text, ids) in enumerate(zip(texts, encoded)):
         ids = np.asarray(ids, dtype=np.int64)
@@ -127,7 +153,7 @@ def tokenize_prompts(
                 "the tokenizer does not match the model"
             )
         out.append(ids)
-    return out
+    return texts, out
 
 
 class PromptSampler:

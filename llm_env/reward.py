@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from llm_env.chat import ChatPrompt, conversation_text
 from llm_env.models import (
     load_sequence_classifier,
     load_tokenizer,
@@ -215,9 +216,26 @@ class SequenceClassifierReward:
         return model_device(self.model)
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
-        """Token ids of each ``prompt + response`` (left-truncated to ``max_length``)."""
-        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
-        ids = self.tokenizer(texts)["input_ids"]
+        """Token ids of each ``prompt + response`` (left-truncated to ``max_length``).
+
+        A prompt that came from a conversation (a :class:`~llm_env.chat.ChatPrompt`) is scored the way a
+        chat reward model was trained: when this model's tokenizer has a chat template, the conversation
+        with the response as the assistant's turn is rendered by that template (its own special tokens and
+        turn markers, whatever the policy's are); without one, the policy's rendered prompt plus the
+        response is scored as text.
+        """
+        pairs = list(zip(prompts, responses, strict=True))
+        chat = getattr(self.tokenizer, "chat_template", None)
+        if chat and any(isinstance(p, ChatPrompt) for p, _ in pairs):
+            ids = []
+            for p, r in pairs:
+                if isinstance(p, ChatPrompt):
+                    text = conversation_text(self.tokenizer, p.messages, r)
+                    ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                else:
+                    ids.append(self.tokenizer(p + r)["input_ids"])
+        else:
+            ids = self.tokenizer([p + r for p, r in pairs])["input_ids"]
         if self.max_length:
             ids = [seq[-self.max_length :] for seq in ids]
         return ids
