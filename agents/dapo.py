@@ -12,7 +12,10 @@ GRPO's group-normalised advantage with four changes (section 3 of the paper):
   is checked on the reward-model score, since the KL penalty in the reward makes returns almost never tie.
 * **Overlong reward shaping** (eq. 13): a response longer than ``L_max - L_cache`` loses up to 1 linearly,
   ``(L_max - L_cache - |y|) / L_cache``; here ``L_max`` is the environment's ``max_new_tokens`` (the env
-  truncates there) and ``L_cache`` is ``overlong_buffer`` (DAPO: 4096 of 20480, a fifth).
+  truncates there) and ``L_cache`` is ``overlong_buffer`` (DAPO: 4096 of 20480, a fifth). The buffer must be
+  shorter than ``L_max``: one as long would punish every response, whatever its length, and the shaping would
+  then reward brevity rather than punish overlong answers (:func:`check_overlong_buffer`; ``make_env``,
+  ``train`` and ``learn`` refuse it).
 
 On N processes each rank fills its share, ``prompts_per_update / N`` informative groups, from its own shard;
 after every round the ranks add up what they still miss (one collective per round, on every rank, so they stay
@@ -38,12 +41,13 @@ import torch
 from agents.grpo import grpo_advantages
 from agents.pg import PGAgent, PGConfig, clip_loss
 from agents.rollout import Trajectories
-from llm_env import TextGenVectorEnv
+from llm_env import EnvConfig, TextGenVectorEnv
 from llm_env.distributed import all_reduce_sum, all_reduce_sums
 
 __all__ = [
     "DAPOAgent",
     "DAPOConfig",
+    "check_overlong_buffer",
     "dapo_advantages",
     "dapo_loss",
     "informative_groups",
@@ -68,7 +72,8 @@ class DAPOConfig(PGConfig):
     the update uses those; if none, the last rollout as it is)."""
     overlong_buffer: int | None = None
     """L_cache, the soft-punishment interval before the length limit, in tokens (None: a fifth of the
-    environment's max_new_tokens; 0 disables the shaping)."""
+    environment's max_new_tokens; 0 disables the shaping). It must be shorter than the environment's
+    max_new_tokens, which the config does not know: ``make_env`` and ``train`` check it."""
     overlong_penalty: float = 1.0
     """The penalty at the length limit (DAPO: 1)."""
 
@@ -85,12 +90,31 @@ class DAPOConfig(PGConfig):
             raise ValueError(f"overlong_penalty must be >= 0, got {self.overlong_penalty}")
 
 
+def check_overlong_buffer(buffer: int, max_length: int) -> int:
+    """Return ``buffer`` (L_cache) if DAPO's soft overlong punishment can use it with responses of at most
+    ``max_length`` (L_max) tokens, else raise. The punishment starts at ``L_max - L_cache`` (Yu et al. 2025,
+    eq. 13); with ``L_cache >= L_max`` it starts at or before the first token, so every response is punished
+    and the shaping pays for brevity instead of punishing overlong answers."""
+    if buffer < 0:
+        raise ValueError(f"overlong_buffer must be >= 0, got {buffer}")
+    if buffer > 0 and buffer >= max_length:
+        raise ValueError(
+            f"overlong_buffer ({buffer}) must be shorter than the response limit max_new_tokens ({max_length}): "
+            f"DAPO's overlong punishment starts at max_new_tokens - overlong_buffer = {max_length - buffer} "
+            f"tokens, so it would punish every response; pick e.g. {max_length // 5} (a fifth, as DAPO's 4096 "
+            "of 20480), None for that default, or 0 to turn the shaping off"
+        )
+    return buffer
+
+
 def overlong_penalty(
     lengths: torch.Tensor, max_length: int, buffer: int, factor: float = 1.0
 ) -> torch.Tensor:
     """DAPO's soft overlong punishment (eq. 13) of responses of ``lengths`` tokens: 0 up to
     ``max_length - buffer``, then ``factor * (max_length - buffer - |y|) / buffer`` down to ``-factor`` at
-    ``max_length``, and ``-factor`` beyond. ``buffer=0`` gives 0 everywhere up to the limit."""
+    ``max_length``, and ``-factor`` beyond. ``buffer=0`` gives 0 everywhere up to the limit; a buffer not
+    shorter than ``max_length`` raises (:func:`check_overlong_buffer`)."""
+    check_overlong_buffer(buffer, max_length)
     lengths = lengths.to(torch.float32)
     if buffer <= 0:
         return torch.where(lengths > max_length, -float(factor), 0.0)
@@ -140,6 +164,26 @@ class DAPOAgent(PGAgent):
     algorithm = "dapo"
     kl_aggregation = "token-mean"
     config: DAPOConfig
+
+    def overlong_buffer(self, max_length: int) -> int:
+        """L_cache for responses of at most ``max_length`` tokens: ``config.overlong_buffer``, or a fifth of
+        ``max_length`` when it is None; raises if it is not shorter than ``max_length``."""
+        buffer = self.config.overlong_buffer
+        return check_overlong_buffer(max_length // 5 if buffer is None else buffer, max_length)
+
+    def make_env(
+        self, prompts: Any, reward: Any, *, num_envs: int = 16, **env_kwargs: Any
+    ) -> TextGenVectorEnv:
+        """:meth:`PGAgent.make_env <agents.pg.PGAgent.make_env>`, refusing first an ``overlong_buffer`` not
+        shorter than the environment's ``max_new_tokens``."""
+        self.overlong_buffer(env_kwargs.get("max_new_tokens", EnvConfig.max_new_tokens))
+        return super().make_env(prompts, reward, num_envs=num_envs, **env_kwargs)
+
+    def check_env(self, env: TextGenVectorEnv) -> None:
+        """:meth:`PGAgent.check_env <agents.pg.PGAgent.check_env>`, and the overlong buffer against the
+        environment's ``max_new_tokens``."""
+        super().check_env(env)
+        self.overlong_buffer(env.config.max_new_tokens)
 
     def rollout(self, env: TextGenVectorEnv) -> Trajectories:
         """Dynamic sampling: rollouts of ``prompts_per_update`` groups until that many informative groups
@@ -194,10 +238,10 @@ class DAPOAgent(PGAgent):
         max_length = trajectories.extras.get("max_new_tokens")
         if max_length is None:
             return rewards
-        buffer = self.config.overlong_buffer
-        buffer = max_length // 5 if buffer is None else buffer
         lengths = torch.as_tensor(trajectories.lengths, device=rewards.device)
-        return rewards + overlong_penalty(lengths, max_length, buffer, self.config.overlong_penalty)
+        return rewards + overlong_penalty(
+            lengths, max_length, self.overlong_buffer(max_length), self.config.overlong_penalty
+        )
 
     def advantages(self, trajectories: Trajectories) -> torch.Tensor:
         return dapo_advantages(

@@ -9,33 +9,37 @@ and the loss is PPO's clipped surrogate averaged over each response's tokens, th
 
     L = -1/G sum_i 1/|y_i| sum_t min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i)   [+ beta KL]
 
-DeepSeekMath puts the KL in the loss (k3, beta 0.04): ``kl_in="loss"``. Our default is the environment's
-per-token penalty (``kl_in="reward"``): R_i is then the score minus the summed KL. The std uses Bessel's
-correction and ``eps = 1e-4``, as TRL's ``GRPOTrainer``.
+DeepSeekMath puts the KL in the loss with beta 0.04 and the k3 estimator (eq. 4). Our default is the
+environment's per-token penalty (``kl_in="reward"``): R_i is then the score minus the summed KL, paid with k1,
+the estimator whose score-function gradient is that of KL(pi || pi_ref). With ``kl_in="loss"`` the default
+estimator is k2, whose gradient through ``log pi`` is that of KL(pi || pi_ref); k3's there is the gradient of
+the other direction, KL(pi_ref || pi) (Tang & Munos 2025; Schulman, http://joschu.net/blog/kl-approx.html).
+``kl_in="loss", kl_estimator="k3"`` reproduces DeepSeekMath, with a
+:class:`~llm_env.kl.KLGradientBiasWarning`. The std uses Bessel's correction and ``eps = 1e-4``, as TRL's
+``GRPOTrainer``; it needs two responses per prompt at least (``group_size >= 2``).
 
 Reading order: :class:`GRPOConfig`, :func:`grpo_advantages`, :func:`grpo_loss`, :class:`GRPOAgent`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from agents.pg import PGAgent, PGConfig, clip_loss, group_view
+from agents.pg import PGAgent, PGConfig, check_group_size, clip_loss, group_view
 from agents.rollout import Trajectories
-from llm_env import KL_ESTIMATORS
 
 __all__ = ["GRPOAgent", "GRPOConfig", "grpo_advantages", "grpo_loss"]
 
 
 @dataclass
 class GRPOConfig(PGConfig):
-    """Options of :class:`GRPOAgent`: :class:`~agents.pg.PGConfig` with GRPO's defaults."""
+    """Options of :class:`GRPOAgent`: :class:`~agents.pg.PGConfig` with GRPO's defaults. ``kl_estimator``
+    keeps PGConfig's default, None: k1 in the reward, k2 in the loss (not GRPO's k3, whose gradient is biased
+    in either place; see the module docstring)."""
 
-    kl_estimator: str = field(default="k3", metadata={"choices": KL_ESTIMATORS})
-    """KL estimator (GRPO: k3 = exp(ref - logp) - (ref - logp) - 1, Shao et al. eq. 4)."""
     std_eps: float = 1e-4
     """Added to the group's std before dividing (TRL's GRPOTrainer: 1e-4)."""
 
@@ -51,7 +55,9 @@ def grpo_advantages(
 ) -> torch.Tensor:
     """(N,) sequence rewards, groups of ``group_size`` consecutive responses -> (N,) advantages
     ``(R_i - mean_group) / (std_group + eps)`` (Bessel-corrected std); ``scale=False`` keeps ``R_i - mean``
-    (Dr. GRPO). A group of equal rewards gets advantages 0."""
+    (Dr. GRPO). A group of equal rewards gets advantages 0. A group of one raises: its Bessel std is NaN
+    (``n - 1 = 0``) and ``R_i - mean`` is 0, so there is nothing to compare with (``group_size >= 2``)."""
+    check_group_size(group_size, "GRPO's group-normalised advantage")
     groups = group_view(rewards, group_size)  # (P, G)
     centred = groups - groups.mean(dim=1, keepdim=True)
     if scale:

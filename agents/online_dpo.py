@@ -48,12 +48,12 @@ from agents.tracking import scalar, tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
 from llm_env.distributed import (
     Strategy,
-    all_reduce_sum,
+    all_counts,
     all_reduce_sums,
     check_divisible,
+    deal_minibatches,
     full_parameters,
     is_main_process,
-    rank,
     rank_seed,
     shard_prompts,
 )
@@ -267,19 +267,18 @@ class OnlineDPOAgent(PreferencePolicy):
 
         On N processes every rank calls it with its own episodes. The pairs are numbered as if one process
         held every rank's episodes in rank order, every minibatch of that order is dealt to the ranks that hold
-        its pairs (a rank with none joins the gradient collective with a pair of no weight) and its loss is
-        divided by its pair count over all ranks, so the update is the single-process one on the same
-        episodes; ties, pair counts, scores and sampled tokens are counted over all ranks.
+        its pairs (:func:`~llm_env.distributed.deal_minibatches`; a rank with none joins the gradient
+        collective with a pair of no weight) and its loss is divided by its pair count over all ranks, so the
+        update is the single-process one on the same episodes; ties, pair counts, scores and sampled tokens
+        are counted over all ranks.
         """
         config = self.config
         world = self.world_size
         start_time = time.perf_counter()
         batch, _ = self.pairs(trajectories)
         n = len(batch) // 2 if batch is not None else 0
-        counts = torch.zeros(world, dtype=torch.int64, device=self.device)
-        counts[rank()] = n
-        counts = all_reduce_sum(counts).tolist()  # every rank's pair count (one collective)
-        offset, total = sum(counts[: rank()]), sum(counts)
+        counts = all_counts(n, self.device)  # every rank's pair count (one collective)
+        total = sum(counts)
         shares: dict[str, list[float]] = {}
         grad_norms: list[float] = []
         if total:
@@ -288,39 +287,35 @@ class OnlineDPOAgent(PreferencePolicy):
                 batch = self._placeholder_pair(trajectories)
             held = len(batch) // 2
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
-            for _ in range(config.epochs):
-                order = torch.randperm(total, generator=generator)
-                for start in range(0, total, config.minibatch_size):
-                    chunk = order[start : start + config.minibatch_size]
-                    rows = chunk[(chunk >= offset) & (chunk < offset + n)] - offset  # this rank's pairs
-                    weight = 1.0
-                    if len(rows) == 0:
-                        rows, weight = torch.zeros(1, dtype=torch.long), 0.0
-                    sub = batch.select(
-                        torch.cat([rows, rows + held])
-                    )  # chosen rows, then their rejected rows
-                    loss, loss_stats = preference_loss(
-                        self.policy,
-                        self.reference,
-                        sub,
-                        beta=config.beta,
-                        loss_type=config.loss_type,
-                        average=config.average_logprobs,
-                        temperature=config.temperature,
-                        num_pairs=len(chunk),
-                        trainer=self._trainer,
-                    )
-                    self.optimizer.zero_grad(set_to_none=True)
-                    # This rank's share of the minibatch loss; DDP averages the ranks' gradients, hence N x.
-                    (loss * (weight * world)).backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        trainable_parameters(self.policy), config.max_grad_norm
-                    )
-                    self.optimizer.step()
-                    self.optimizer_steps += 1
-                    for key, value in {"loss": loss, **loss_stats}.items():
-                        shares.setdefault(key, []).append(scalar(value) * weight)
-                    grad_norms.append(scalar(grad_norm))
+            for dealt in deal_minibatches(
+                counts, config.minibatch_size, epochs=config.epochs, generator=generator
+            ):
+                rows, weight = dealt.rows, 1.0  # this rank's pairs of the minibatch
+                if len(rows) == 0:
+                    rows, weight = torch.zeros(1, dtype=torch.long), 0.0
+                sub = batch.select(torch.cat([rows, rows + held]))  # chosen rows, then their rejected rows
+                loss, loss_stats = preference_loss(
+                    self.policy,
+                    self.reference,
+                    sub,
+                    beta=config.beta,
+                    loss_type=config.loss_type,
+                    average=config.average_logprobs,
+                    temperature=config.temperature,
+                    num_pairs=dealt.size,
+                    trainer=self._trainer,
+                )
+                self.optimizer.zero_grad(set_to_none=True)
+                # This rank's share of the minibatch loss; DDP averages the ranks' gradients, hence N x.
+                (loss * (weight * world)).backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable_parameters(self.policy), config.max_grad_norm
+                )
+                self.optimizer.step()
+                self.optimizer_steps += 1
+                for key, value in {"loss": loss, **loss_stats}.items():
+                    shares.setdefault(key, []).append(scalar(value) * weight)
+                grad_norms.append(scalar(grad_norm))
         with warnings.catch_warnings():  # an update of ties only steps the schedule, not the optimizer
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()

@@ -20,9 +20,13 @@ which each algorithm's module defines (``agents/grpo.py``, ``agents/rloo.py``, .
 OpenRLHF 1309): ``"reward"`` (the default) lets the environment pay ``-kl_coef * k(logp - ref_logp)`` per
 token, so the KL enters the rewards and hence the advantages; ``"loss"`` sets the environment's ``kl_coef``
 to 0 and adds ``kl_coef * k(logp - ref_logp)``, with ``k`` one of :data:`llm_env.KL_ESTIMATORS`, to the loss
-(GRPO's choice, k3, Shao et al. 2024). With the KL in the loss the estimator's *gradient* is what matters:
-k1's is zero in expectation (``E_pi[grad log pi] = 0``), k2's is the gradient of KL(pi || pi_ref), k3's is
-biased. The reference is the environment's (untempered), so both placements penalise the same KL.
+(DeepSeekMath's placement, Shao et al. 2024). The estimator's *gradient* is what matters, and it depends on
+the placement (:mod:`llm_env.kl`; Tang & Munos 2025): as a reward only k1 gives ``grad KL(pi || pi_ref)``
+(score function), in the loss only k2 does (pathwise; k1's is zero in expectation, k3's is the gradient of
+``KL(pi_ref || pi)``). So ``kl_estimator=None``, the default, means k1 in the reward and k2 in the loss, and
+an explicit biased combination (e.g. GRPO's k3 in the loss) runs with a
+:class:`~llm_env.kl.KLGradientBiasWarning`. The reference is the environment's (untempered), so both
+placements penalise the same KL.
 
 **On N processes** (``torchrun --nproc-per-node N``, see :mod:`llm_env.distributed`) every rank owns a
 disjoint, seeded shard of the prompts (:meth:`PGAgent.make_env`) and samples ``prompts_per_update / N`` whole
@@ -30,8 +34,10 @@ groups per update with its own seeds, so a group never straddles ranks and the g
 and std, RLOO's leave-one-out, ReMax's greedy baseline) stay local and exact. What defines the update is
 global: the normalisers of every loss aggregation (the minibatch's sequences and tokens over all ranks, Dr.
 GRPO's constant), REINFORCE++'s batch whitening, DAPO's count of informative groups, the token budget and the
-logged statistics; DDP averages the gradients (or FSDP2 reduce-scatters them), so an update on N ranks is the
-single-process update on the same episodes. Rank 0 writes logs, TensorBoard and checkpoints.
+logged statistics; the minibatches are dealt by one permutation of every rank's episodes, numbered in rank order
+(:func:`llm_env.distributed.deal_minibatches`), and DDP averages the gradients (or FSDP2 reduce-scatters them),
+so an update on N ranks is the single-process update on the same episodes, minibatch for minibatch. Rank 0
+writes logs, TensorBoard and checkpoints.
 
 Reading order: :class:`PGConfig` (the shared knobs), :meth:`PGAgent.rollout`, :meth:`PGAgent.learn` (the
 update), :meth:`PGAgent.train` (the loop); the pure helpers :func:`group_view` and :func:`clip_loss` are what
@@ -65,25 +71,26 @@ from agents.rollout import Trajectories, collect_episodes
 from agents.tracking import append_stat, jsonable, tensorboard_writer
 from llm_env import KL_ESTIMATORS, AdapterDisabled, TextGenVectorEnv, TokenActions, kl_penalty
 from llm_env.distributed import (
+    all_counts,
     all_reduce_means,
     all_reduce_sum,
     all_reduce_sums,
     check_divisible,
     data_parallel,
+    deal_minibatches,
     full_parameters,
     gradient_sync,
     init_distributed,
     is_main_process,
-    rank,
     rank_seed,
     shard_prompts,
     world_size,
 )
-from llm_env.kl import check_kl_coef, check_kl_estimator
+from llm_env.kl import UNBIASED_KL_ESTIMATOR, check_kl_coef, check_kl_estimator, warn_kl_gradient_bias
 from llm_env.models import load_causal_lm, pad_token_id
 from llm_env.training import make_optimizer, make_scheduler, trainable_parameters
 
-__all__ = ["PGAgent", "PGConfig", "clip_loss", "group_view", "per_token"]
+__all__ = ["PGAgent", "PGConfig", "check_group_size", "clip_loss", "group_view", "per_token"]
 
 
 # --------------------------------------------------------------------------------------- pure helpers
@@ -94,6 +101,18 @@ def group_view(values: torch.Tensor, group_size: int) -> torch.Tensor:
             f"need a 1-D tensor of whole groups of {group_size} responses, got shape {tuple(values.shape)}"
         )
     return values.view(-1, group_size)
+
+
+def check_group_size(group_size: int, algorithm: str) -> None:
+    """Raise unless ``group_size >= 2``. An advantage that compares a response with the other responses to its
+    prompt is undefined for a group of one: GRPO's Bessel-corrected std and RLOO's leave-one-out mean divide by
+    ``G - 1 = 0`` (NaN advantages, then NaN weights), and Dr. GRPO's ``R_i - mean`` is 0 (no signal)."""
+    if group_size < 2:
+        raise ValueError(
+            f"{algorithm} compares responses to the same prompt: group_size must be >= 2, got {group_size} "
+            "(a group of one has no other response to compare with); sample at least 2 responses per prompt, "
+            "or use ReMax or REINFORCE++, whose baselines need no group"
+        )
 
 
 def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -167,9 +186,13 @@ class PGConfig(OnPolicyOptions):
     kl_in: Literal["reward", "loss"] = "reward"
     """Where the KL is paid: ``"reward"`` (the environment's per-token penalty, our default) or ``"loss"``
     (environment ``kl_coef=0``; the agent adds ``kl_coef * k(logp - ref_logp)`` to its loss)."""
-    kl_estimator: str = field(default="k1", metadata={"choices": KL_ESTIMATORS})
+    kl_estimator: str | None = field(default=None, metadata={"choices": KL_ESTIMATORS})
     """The KL estimator k: of the environment's penalty (``make_env`` passes it; ``train`` checks the
-    environment uses it) or of the loss term. A name in :data:`llm_env.KL_ESTIMATORS`."""
+    environment uses it) or of the loss term. A name in :data:`llm_env.KL_ESTIMATORS`, or None (``none`` on
+    the command line) for the one whose gradient is that of KL(pi || pi_ref) where ``kl_in`` pays it: k1 in
+    the reward, k2 in the loss (:data:`llm_env.kl.UNBIASED_KL_ESTIMATOR`; set to that name at construction).
+    Another choice with ``kl_coef > 0`` warns that its gradient is biased (k3 in the reward or the loss, k2
+    in the reward, k1 in the loss; :mod:`llm_env.kl`)."""
 
     @property
     def episodes_per_update(self) -> int:
@@ -206,7 +229,11 @@ class PGConfig(OnPolicyOptions):
         )
         check_kl_coef(self.kl_coef)
         check(self.kl_in in ("reward", "loss"), f"kl_in must be 'reward' or 'loss', got {self.kl_in!r}")
+        if self.kl_estimator is None:  # the estimator with an unbiased KL gradient where it is paid
+            self.kl_estimator = UNBIASED_KL_ESTIMATOR[self.kl_in]
         check_kl_estimator(self.kl_estimator)
+        if self.kl_coef > 0:  # a KL that is not paid has no gradient to get wrong
+            warn_kl_gradient_bias(self.kl_estimator, self.kl_in)
 
     def check_world_size(self, world: int) -> None:
         """Fail before any work when ``world`` processes cannot split the rollout and the minibatches evenly:
@@ -234,12 +261,9 @@ class PGConfig(OnPolicyOptions):
             )
 
     def require_groups(self, algorithm: str) -> None:
-        """Raise unless ``group_size >= 2`` (for advantages that compare responses to the same prompt)."""
-        if self.group_size < 2:
-            raise ValueError(
-                f"{algorithm} compares responses to the same prompt: group_size must be >= 2, "
-                f"got {self.group_size}"
-            )
+        """Raise unless ``group_size >= 2`` (for advantages that compare responses to the same prompt; see
+        :func:`check_group_size`)."""
+        check_group_size(self.group_size, algorithm)
 
 
 # ----------------------------------------------------------------------------------------------- agent
@@ -469,12 +493,13 @@ class PGAgent:
         """One update on a rollout (from :meth:`rollout`); returns the diagnostics (means over steps).
 
         On N processes every rank calls it with its own episodes (whole groups); the update is the one a single
-        process would make on all of them: each minibatch's normalisers (sequences, tokens) are counted over
-        every rank, the loss is scaled by N because DDP averages the ranks' gradients, and the statistics are
-        global. Ranks may hold different numbers of episodes (DAPO keeps what it finds): the smaller ones are
-        padded with rows that carry no loss, so that every rank runs as many forward and backward passes
-        (collectives). ``extras["padding"]`` marks a rank whose episodes are all such rows (DAPO on a rank that
-        found no informative group while others did).
+        process would make on all of them in rank order: the minibatches are dealt by one permutation of every
+        rank's episodes (:func:`~llm_env.distributed.deal_minibatches`), each minibatch's normalisers
+        (sequences, tokens) are counted over every rank, the loss is scaled by N because DDP averages the ranks'
+        gradients, and the statistics are global. Ranks may hold different numbers of episodes (DAPO keeps what
+        it finds) and of each minibatch: every rank runs as many forward and backward passes (collectives), on
+        rows that carry no loss where it has fewer. ``extras["padding"]`` marks a rank whose episodes are all
+        such rows (DAPO on a rank that found no informative group while others did).
         """
         config = self.config
         world = self.world_size
@@ -482,17 +507,18 @@ class PGAgent:
         self.check_groups(trajectories)
         n = len(trajectories)
         real = 0 if trajectories.extras.get("padding", False) else n
-        rows = n
-        if world > 1:  # every rank's episode count, one collective: pad to the largest
-            counts = torch.zeros(world, dtype=torch.int64, device=self.device)
-            counts[rank()] = n
-            rows = int(all_reduce_sum(counts).max())
+        counts = all_counts(real, self.device)  # every rank's episodes that carry loss (one collective)
+        # Every rank scores as many rows (FSDP2's forward passes are collectives): a smaller share is padded
+        # with copies of its first row, which carry no loss, and a rank without episodes keeps one row.
+        rows = max(*counts, 1)
         batch = SequenceBatch.build(
             trajectories.prompt_ids, trajectories.response_list(), pad_id=self.pad_id, device=self.device
         )
         valid = torch.arange(rows, device=self.device) < real  # (rows,) the episodes that carry loss
-        if rows > n:
-            batch = batch.select(torch.cat([torch.arange(n), torch.zeros(rows - n, dtype=torch.long)]))
+        keep = torch.arange(rows)
+        keep[keep >= n] = 0
+        if rows != n:
+            batch = batch.select(keep)
         mask = batch.response_mask & valid[:, None]  # (rows, T)
         minibatch = min((config.minibatch_size // world) if config.minibatch_size else rows, rows)
         micro = max(1, minibatch // config.gradient_accumulation_steps)
@@ -514,41 +540,44 @@ class PGAgent:
                 if ref_logprobs is not None:
                     ref_logprobs[index, :steps] = self._reference_logprobs(sub)
         advantages = self.advantages(trajectories).to(self.device, torch.float32)  # (n,) or (n, T)
-        if rows > n:
-            advantages = torch.cat([advantages, advantages.new_zeros(rows - n, *advantages.shape[1:])])
+        if rows != n:
+            advantages = advantages[keep.to(self.device)]  # (rows,) or (rows, T); padding is masked next
         advantages = per_token(advantages, mask)
         max_length = self.length_normaliser(trajectories)
 
-        # The minibatches of every epoch, and each one's sequences and tokens over all ranks (one collective):
-        # with these totals the ranks' losses add up to the loss of the whole minibatch.
+        # The minibatches of every epoch, dealt by one permutation of every rank's episodes (the same generator
+        # on every rank: minibatch k is the single-process one; each rank holds its episodes of it), and each
+        # one's tokens over all ranks (one collective): with these totals and the minibatch's sequence count the
+        # ranks' losses add up to the loss of the whole minibatch, however its episodes are spread.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
-        chunks = [
-            order[start : start + minibatch]
-            for order in (
-                torch.randperm(rows, generator=generator).to(self.device) for _ in range(config.epochs)
-            )
-            for start in range(0, rows, minibatch)
-        ]
-        totals = all_reduce_sum(
-            torch.stack([torch.stack([valid[c].sum(), mask[c].sum()]) for c in chunks]).to(torch.float64)
+        minibatches = deal_minibatches(
+            counts, config.minibatch_size, epochs=config.epochs, generator=generator, device=self.device
+        )
+        tokens = all_reduce_sum(
+            torch.stack([mask[m.rows].sum() for m in minibatches]).to(torch.float64)
         ).tolist()
-        stats: dict[str, list[float]] = {}
-        for chunk, (sequences, tokens) in zip(chunks, totals):
-            # (A minibatch of padding rows alone has no sequence: its loss is 0, not 0 / 0.)
+        stats: dict[str, list[float]] = {}  # per optimizer step: as many on every rank
+        micro_stats: dict[str, list[float]] = {}  # per micro-batch holding episodes of this rank
+        for dealt, step_tokens in zip(minibatches, tokens):
+            # (A minibatch without episodes, when no rank has any, has no sequence: its loss is 0, not 0 / 0.)
             step_totals = {
-                "num_sequences": max(sequences, 1.0),
-                "num_tokens": tokens,
+                "num_sequences": max(dealt.size, 1),
+                "num_tokens": step_tokens,
                 "max_length": max_length,
             }
             self.optimizer.zero_grad(set_to_none=True)
             step_loss = step_kl = 0.0
-            micro_starts = range(0, len(chunk), micro)
-            for micro_start in micro_starts:
-                index = chunk[micro_start : micro_start + micro]
+            # As many micro-batches on every rank (each backward pass is a collective).
+            micro_batches = dealt.micro_batches(micro)
+            for i, index in enumerate(micro_batches):
+                # A rank left without episodes of this minibatch runs a pass on a row that carries no loss.
+                placeholder = len(index) == 0
+                if placeholder:
+                    index = torch.zeros(1, dtype=torch.long, device=self.device)
                 sub = batch.select(index)
                 steps = sub.response_mask.shape[1]
-                sub_mask = mask[index, :steps]
-                with gradient_sync(self._trainer, micro_start == micro_starts[-1]):
+                sub_mask = torch.zeros_like(mask[index, :steps]) if placeholder else mask[index, :steps]
+                with gradient_sync(self._trainer, i == len(micro_batches) - 1):
                     new = response_forward(self._trainer, sub, temperature=config.temperature)
                     loss, loss_stats = self.policy_loss(
                         new.logprobs,
@@ -565,8 +594,10 @@ class PGAgent:
                         step_kl += float(kl_loss.detach())
                     # DDP (and FSDP2) average the ranks' gradients; this rank's share of the sum is N x its own.
                     (loss * world).backward()
-                for key, value in loss_stats.items():
-                    append_stat(stats, key, value)
+                for key, value in loss_stats.items():  # (a placeholder's keys, without its value)
+                    micro_stats.setdefault(key, [])
+                    if not placeholder:
+                        append_stat(micro_stats, key, value)
             # Each rank holds its share of the minibatch loss: N x the share, averaged over ranks, is the sum.
             append_stat(stats, "policy_loss", step_loss * world)
             if ref_logprobs is not None:
@@ -580,6 +611,16 @@ class PGAgent:
         self.scheduler.step()
         self.update += 1
         out = all_reduce_means({key: float(np.mean(values)) for key, values in stats.items()}, self.device)
+        # The micro-batch diagnostics (clip fraction, ratio, ...) averaged over every rank's micro-batches that
+        # hold episodes: a rank may have none (padding), and ranks hold different numbers of them.
+        sums = all_reduce_sums(
+            {
+                **{f"sum/{key}": float(np.sum(values)) for key, values in micro_stats.items()},
+                **{f"count/{key}": len(values) for key, values in micro_stats.items()},
+            },
+            self.device,
+        )
+        out.update({key: sums[f"sum/{key}"] / max(sums[f"count/{key}"], 1.0) for key in micro_stats})
         out.update(self._episode_stats(trajectories, real, mask, entropy, advantages))
         out.update(
             update_tokens_per_s=out.pop("tokens")

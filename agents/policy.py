@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from llm_env import IncrementalLM, TextGenVectorEnv, TokenActions
 from llm_env.decoding import host_to_device, left_pad
-from llm_env.distributed import full_state_dict, is_main_process, is_sharded
+from llm_env.distributed import barrier, full_state_dict, is_main_process, is_sharded
 from llm_env.models import load_causal_lm, load_tokenizer, model_device, resolve_device, unwrap_model
 from llm_env.reward import SequenceClassifierReward
 
@@ -331,19 +331,21 @@ def save_policy(model: nn.Module, tokenizer: Any, path: Any) -> None:
     """Save a policy as a plain transformers checkpoint (LoRA adapters merged into a copy) with its tokenizer.
 
     On N processes every rank calls it and rank 0 writes; an FSDP-sharded policy is gathered first (a
-    collective) into a plain copy on rank 0's CPU.
+    collective) into a plain copy on rank 0's CPU. Every rank returns only once the files are in place, so
+    that any rank may load the saved policy next (the others used to return at once and raced rank 0's
+    write). As in :mod:`agents.checkpoint`, a rank 0 that fails while writing exits with its error and
+    torchrun stops the ranks waiting here (the wait also times out with every collective, see
+    :mod:`llm_env.distributed`), so none waits forever.
     """
-    if is_sharded(model):
-        state = full_state_dict(model)
-        if not is_main_process():
-            return
-        model = _unsharded_copy(model, state)
-    elif not is_main_process():
-        return
-    if hasattr(model, "merge_and_unload"):
-        model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    state = full_state_dict(model) if is_sharded(model) else None  # a collective: rank 0 gets the weights
+    if is_main_process():
+        if state is not None:
+            model = _unsharded_copy(model, state)
+        if hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    barrier()  # nobody moves on (or loads the policy) before it is written
 
 
 def _unsharded_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -11,10 +11,12 @@ Reading order: :class:`PPOConfig` (every knob, with defaults from TRL's PPO trai
 :meth:`PPOAgent.act` (acting), :meth:`PPOAgent.learn` (the update), :meth:`PPOAgent.train` (the loop).
 
 On N processes (``torchrun --nproc-per-node N``, see :mod:`llm_env.distributed`) each rank collects
-``episodes_per_update / N`` episodes on its own shard of the prompts and holds ``minibatch_size / N``
-episodes of every minibatch; advantages are whitened with the mean and variance of all ranks' tokens, the
-loss of a minibatch is normalised by its token count over all ranks and the gradients are averaged by
-DDP (or reduce-scattered by FSDP2), so an update equals the single-process update on the same episodes.
+``episodes_per_update / N`` episodes on its own shard of the prompts; the minibatches are dealt by one
+permutation of every rank's episodes (numbered in rank order), so each is the minibatch one process holding
+them all would use, and each rank holds its episodes of it; advantages are whitened with the mean and
+variance of all ranks' tokens, the loss of a minibatch is normalised by its token count over all ranks and
+the gradients are averaged by DDP (or reduce-scattered by FSDP2), so an update equals the single-process
+update on the same episodes.
 The KL that drives the adaptive controller and the logged statistics are global too; rank 0 writes logs,
 TensorBoard and checkpoints.
 """
@@ -59,6 +61,7 @@ from llm_env.distributed import (
     all_reduce_sum,
     check_divisible,
     data_parallel,
+    deal_minibatches,
     full_parameters,
     global_masked_mean,
     global_masked_var,
@@ -374,8 +377,9 @@ class PPOAgent:
         """One PPO update on finished episodes; returns the diagnostics (means over minibatches).
 
         On N processes every rank calls it with its own ``episodes_per_update / N`` episodes; the update is
-        the one a single process would make on all of them (global whitening, loss normalised by the
-        minibatch's tokens over all ranks, gradients averaged), and the returned statistics are global.
+        the one a single process would make on all of them in rank order (the same minibatches, dealt by one
+        permutation of every rank's episodes; global whitening; loss normalised by the minibatch's tokens over
+        all ranks; gradients averaged), and the returned statistics are global.
         """
         config = self.config
         world = self.world_size
@@ -413,72 +417,76 @@ class PPOAgent:
         if config.whiten_advantages:
             advantages = global_masked_whiten(advantages, mask)
 
-        # Minibatch orders of every epoch, and each minibatch's token count over all ranks (one collective):
-        # a micro-batch's token-mean loss is weighted by its share of the minibatch's tokens, so the
-        # accumulated and rank-averaged gradient is that of the token mean over the whole minibatch.
+        # The minibatches of every epoch, dealt by one permutation of every rank's episodes (the same generator
+        # on every rank: minibatch k is the single-process one; each rank holds its episodes of it), and each
+        # minibatch's token count over all ranks (one collective): a micro-batch's token-mean loss is weighted
+        # by its share of the minibatch's tokens, so the accumulated and rank-averaged gradient is that of the
+        # token mean over the whole minibatch however its episodes are spread.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + self.update)
-        orders = [torch.randperm(n, generator=generator) for _ in range(config.ppo_epochs)]
+        minibatches = deal_minibatches(
+            [n] * world,
+            config.minibatch_size,
+            epochs=config.ppo_epochs,
+            generator=generator,
+            device=self.device,
+        )
         tokens_per_episode = mask.sum(dim=1).to(torch.float64)
         minibatch_tokens = all_reduce_sum(
-            torch.stack(
-                [
-                    tokens_per_episode[order[start : start + minibatch].to(self.device)].sum()
-                    for order in orders
-                    for start in range(0, n, minibatch)
-                ]
-            )
+            torch.stack([tokens_per_episode[m.rows].sum() for m in minibatches])
         ).tolist()
-        micro = minibatch // config.gradient_accumulation_steps
+        micro = minibatch // config.gradient_accumulation_steps  # at most this many episodes per pass
         stats: dict[str, list[float]] = {}
-        optimizer_step = 0
-        for order in orders:
-            for start in range(0, n, minibatch):
-                self.optimizer.zero_grad(set_to_none=True)
-                share = minibatch_tokens[optimizer_step] / world  # tokens per rank, on average
-                micro_starts = range(start, min(n, start + minibatch), micro)
-                for micro_start in micro_starts:
-                    index = order[micro_start : micro_start + micro].to(self.device)
-                    sub = batch.select(index)
-                    steps = sub.response_mask.shape[1]
-                    ptx = self._ptx_batch(optimizer_step) if self._ptx is not None else None
-                    with gradient_sync(self._trainer, micro_start == micro_starts[-1]):
-                        new, ptx_logprobs = self._score(sub, grad=True, ptx=ptx)
-                        sub_mask = sub.response_mask
-                        pg_loss, pg_stats = policy_loss(
-                            new.logprobs,
-                            old_logprobs[index, :steps],
-                            advantages[index, :steps],
-                            sub_mask,
-                            clip_range=config.clip_range,
-                        )
-                        vf_loss = value_loss(
-                            new.values,
-                            old_values[index, :steps],
-                            returns[index, :steps],
-                            sub_mask,
-                            clip_range=config.clip_range_value,
-                        )
-                        entropy = masked_mean(new.entropy, sub_mask)
-                        loss = (pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy) * (
-                            sub_mask.sum() / share
-                        )
-                        if ptx is not None:
-                            ptx_nll = -masked_mean(ptx_logprobs, ptx.response_mask)
-                            loss = loss + config.ptx_coef * ptx_nll / config.gradient_accumulation_steps
-                            append_stat(stats, "ptx_loss", ptx_nll)
-                        loss.backward()
+        for optimizer_step, dealt in enumerate(minibatches):
+            self.optimizer.zero_grad(set_to_none=True)
+            share = minibatch_tokens[optimizer_step] / world  # tokens per rank, on average
+            # As many micro-batches on every rank (each backward pass is a collective).
+            micro_batches = dealt.micro_batches(micro)
+            for i, index in enumerate(micro_batches):
+                # A rank left without episodes of this minibatch runs a pass on a row that carries no loss.
+                placeholder = len(index) == 0
+                if placeholder:
+                    index = torch.zeros(1, dtype=torch.long, device=self.device)
+                sub = batch.select(index)
+                steps = sub.response_mask.shape[1]
+                ptx = self._ptx_batch(optimizer_step) if self._ptx is not None else None
+                with gradient_sync(self._trainer, i == len(micro_batches) - 1):
+                    new, ptx_logprobs = self._score(sub, grad=True, ptx=ptx)
+                    sub_mask = torch.zeros_like(sub.response_mask) if placeholder else sub.response_mask
+                    pg_loss, pg_stats = policy_loss(
+                        new.logprobs,
+                        old_logprobs[index, :steps],
+                        advantages[index, :steps],
+                        sub_mask,
+                        clip_range=config.clip_range,
+                    )
+                    vf_loss = value_loss(
+                        new.values,
+                        old_values[index, :steps],
+                        returns[index, :steps],
+                        sub_mask,
+                        clip_range=config.clip_range_value,
+                    )
+                    entropy = masked_mean(new.entropy, sub_mask)
+                    loss = (pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy) * (
+                        sub_mask.sum() / share
+                    )
+                    if ptx is not None:  # this rank's PPO-ptx batch, spread over the step's micro-batches
+                        ptx_nll = -masked_mean(ptx_logprobs, ptx.response_mask)
+                        loss = loss + config.ptx_coef * ptx_nll / len(micro_batches)
+                        append_stat(stats, "ptx_loss", ptx_nll)
+                    loss.backward()
+                if not placeholder:
                     append_stat(stats, "policy_loss", pg_loss)
                     append_stat(stats, "value_loss", vf_loss)
                     append_stat(stats, "entropy", entropy)
                     for key, value in pg_stats.items():
                         append_stat(stats, key, value)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable_parameters(self.policy, *self._value_modules()), config.max_grad_norm
-                )
-                append_stat(stats, "grad_norm", grad_norm)
-                self.optimizer.step()
-                optimizer_step += 1
-                self.optimizer_steps += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable_parameters(self.policy, *self._value_modules()), config.max_grad_norm
+            )
+            append_stat(stats, "grad_norm", grad_norm)
+            self.optimizer.step()
+            self.optimizer_steps += 1
         self.scheduler.step()
         self.update += 1
         out = all_reduce_means({key: float(np.mean(values)) for key, values in stats.items()}, self.device)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from agents.pg import PGAgent, PGConfig, clip_loss, group_view
+from agents.pg import PGAgent, PGConfig, check_group_size, clip_loss, group_view
 from agents.rollout import Trajectories
 
 __all__ = ["RLOOAgent", "RLOOConfig", "rloo_advantages", "rloo_loss"]
@@ -44,7 +44,9 @@ class RLOOConfig(PGConfig):
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(N,) -> (N,): ``R_i`` minus the mean of the other ``group_size - 1`` rewards of its group."""
+    """(N,) -> (N,): ``R_i`` minus the mean of the other ``group_size - 1`` rewards of its group. A group of one
+    raises: it has no other reward to average (the mean divides by ``k - 1 = 0``; ``group_size >= 2``)."""
+    check_group_size(group_size, "RLOO's leave-one-out baseline")
     groups = group_view(rewards, group_size)  # (P, k)
     baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return (groups - baseline).reshape(-1)

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.policy and not (args.reward and args.prompts):
         p.error("--policy needs --reward and --prompts")
+    if args.group_size < 2:  # a group of one has no std (Bessel: n - 1 = 0): NaN advantages
+        p.error(f"--group-size {args.group_size}: GRPO compares answers to the same prompt, use 2 or more")
     if args.num_envs % args.group_size:
         p.error(f"--num-envs {args.num_envs} must be a multiple of --group-size {args.group_size}")
     return args
@@ -146,8 +148,10 @@ def grpo_update(lm: nn.Module, ref: nn.Module, optimizer, batch: dict, args) -> 
             log_ratio = logp - old_logp[idx]
             ratio = log_ratio.exp()
             surrogate = torch.min(ratio * adv, ratio.clamp(1 - args.clip_range, 1 + args.clip_range) * adv)
-            # KL to the SFT model in the loss, k3 = pi_ref/pi - log(pi_ref/pi) - 1 (unbiased, >= 0;
-            # http://joschu.net/blog/kl-approx.html), as DeepSeekMath does.
+            # KL to the SFT model in the loss, k3 = pi_ref/pi - log(pi_ref/pi) - 1, as DeepSeekMath does: an
+            # unbiased, >= 0 estimate of KL(pi || pi_ref) (http://joschu.net/blog/kl-approx.html), but its
+            # gradient through logp is that of KL(pi_ref || pi), equal only near the reference; d^2 / 2 (k2)
+            # would give KL(pi || pi_ref)'s exactly (Tang & Munos 2025; llm_env/kl.py, agents.GRPOConfig).
             d = ref_logp[idx] - logp
             kl = d.exp() - d - 1
             # Average over each answer's tokens, then over answers: 1/G sum_i 1/|y_i| sum_t (GRPO's eq. 3).

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from llm_env.kl import KL_ESTIMATORS, check_kl_coef, check_kl_estimator
+from llm_env.kl import KL_ESTIMATORS, check_kl_coef, check_kl_estimator, warn_kl_gradient_bias
 from llm_env.prompts import PromptOrder, PromptSource
 
 __all__ = ["AdapterDisabled", "EnvConfig"]
@@ -70,7 +70,8 @@ class EnvConfig:
     0 without. Agents may change it between steps (adaptive KL control) through ``env.kl_coef``."""
     kl_estimator: str = field(default="k1", metadata={"choices": KL_ESTIMATORS})
     """Per-token KL estimator, a name in :data:`llm_env.kl.KL_ESTIMATORS`: with ``d = logp - ref_logp``,
-    k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (Schulman, http://joschu.net/blog/kl-approx.html)."""
+    k1 = d, k2 = d^2 / 2, k3 = exp(-d) - 1 + d (Schulman, http://joschu.net/blog/kl-approx.html). Paid as a
+    reward, only k1's policy gradient is the KL's; k2 and k3 warn (:func:`llm_env.kl.warn_kl_gradient_bias`)."""
     max_new_tokens: int = 64
     """Response length at which an episode is truncated."""
     max_prompt_length: int | None = None
@@ -122,6 +123,8 @@ class EnvConfig:
             object.__setattr__(self, "kl_coef", 0.05 if self.reference is not None else 0.0)
         check_kl_coef(self.kl_coef, has_reference=self.reference is not None)
         check_kl_estimator(self.kl_estimator)
+        if self.kl_coef > 0:  # the environment pays the KL as a reward: only k1's gradient is the KL's
+            warn_kl_gradient_bias(self.kl_estimator, "reward")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.max_prompt_length is not None and (

@@ -10,6 +10,8 @@ the prompts and computes rewards and KL locally. Only gradients and a few statis
   tensors, NCCL for CUDA ones, with a timeout so that a collective whose peer never comes errors out;
 * **data**: :func:`shard_prompts` gives each rank a disjoint, seeded share of the prompts and
   :func:`rank_seed` decorrelates the ranks' sampling (rank 0 keeps the single-process seeds);
+  :func:`deal_minibatches` deals the minibatches of an update by one global order of every rank's
+  examples, so that each minibatch is the one a single process holding them all would use;
 * **the model**: :func:`data_parallel` wraps it in ``DistributedDataParallel`` (gradients averaged over
   ranks) or shards it with FSDP2 ``fully_shard`` (parameters, gradients and optimizer state split across
   ranks); :func:`full_parameters` gathers a sharded model's weights for a rollout, :func:`gradient_sync`
@@ -37,6 +39,7 @@ import inspect
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -51,7 +54,9 @@ from llm_env.prompts import PromptSource, load_prompts
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "RANK_SEED_STRIDE",
+    "Minibatch",
     "Strategy",
+    "all_counts",
     "all_gather_objects",
     "all_reduce_means",
     "all_reduce_sum",
@@ -59,6 +64,7 @@ __all__ = [
     "barrier",
     "check_divisible",
     "data_parallel",
+    "deal_minibatches",
     "full_parameters",
     "full_state_dict",
     "global_masked_mean",
@@ -211,6 +217,87 @@ def shard_prompts(
     return [texts[i] for i in np.sort(order[rank() :: world])]
 
 
+@dataclass(frozen=True)
+class Minibatch:
+    """One minibatch of :func:`deal_minibatches`, as one rank sees it."""
+
+    rows: torch.Tensor
+    """This rank's rows of the minibatch (indices into its own examples), in the order of the global permutation."""
+    size: int
+    """Rows of the minibatch over every rank (what a mean over its examples divides by)."""
+    counts: tuple[int, ...]
+    """How many of them each rank holds, in rank order."""
+
+    def micro_batches(self, max_rows: int) -> list[torch.Tensor]:
+        """This rank's rows in consecutive micro-batches of at most ``max_rows``, as many on every rank.
+
+        The ranks hold different numbers of rows of a minibatch, but each forward and backward pass is a
+        collective (DDP's gradient reduction, FSDP2's gathers): the rank holding the most rows sets the count,
+        and the others end with empty micro-batches, where they run a pass that carries no loss. At least one
+        micro-batch, even for a minibatch without rows.
+        """
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        steps = max(1, *(-(-count // max_rows) for count in self.counts))
+        return [self.rows[i * max_rows : (i + 1) * max_rows] for i in range(steps)]
+
+
+def deal_minibatches(
+    counts: Sequence[int],
+    minibatch_size: int | None,
+    *,
+    epochs: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    for_rank: int | None = None,
+) -> list[Minibatch]:
+    """The minibatches of ``epochs`` passes over examples spread over the ranks, dealt by one global order.
+
+    Rank ``r`` holds ``counts[r]`` examples; they are numbered as if one process held every rank's in rank
+    order (rank ``r``'s row ``i`` is example ``sum(counts[:r]) + i``). Each epoch draws one permutation of all
+    of them from ``generator`` (on the CPU) and cuts it into minibatches of ``minibatch_size`` (None: one
+    minibatch per epoch; the last one may be smaller), and every rank keeps the rows it holds. With the same
+    generator state on every rank, minibatch ``k`` of all ranks together is exactly minibatch ``k`` of one
+    process holding every example, and one process (``counts == [n]``) draws what ``torch.randperm(n)`` cut
+    into minibatches gives. Shuffling each rank's share on its own would instead put ``minibatch_size / N``
+    examples of every rank in each minibatch, a different update as soon as there are several per epoch.
+    Without any example, each epoch is one empty minibatch (the ranks still step together). No collective:
+    every rank computes the whole deal.
+
+    Args:
+        counts: every rank's number of examples, in rank order (e.g. from :func:`all_counts`).
+        minibatch_size: examples per minibatch over all ranks.
+        epochs: passes over the examples, one permutation each.
+        generator: the seeded generator of the permutations, in the same state on every rank.
+        device: where the returned row indices live (default: the CPU).
+        for_rank: whose rows to return (default: this process's rank).
+    """
+    counts = [int(c) for c in counts]
+    me = rank() if for_rank is None else int(for_rank)
+    if not 0 <= me < len(counts) or min(counts, default=0) < 0:
+        raise ValueError(f"need a non-negative count for every rank including rank {me}, got {counts}")
+    if minibatch_size is not None and minibatch_size < 1:
+        raise ValueError(f"minibatch_size must be >= 1 or None, got {minibatch_size}")
+    total = sum(counts)
+    size = max(1, total if minibatch_size is None else min(int(minibatch_size), total))
+    bounds = np.cumsum([0, *counts])  # rank r holds examples [bounds[r], bounds[r + 1])
+    out = []
+    for _ in range(epochs):
+        order = torch.randperm(total, generator=generator)
+        for start in range(0, max(total, 1), size):
+            chunk = order[start : start + size]
+            owners = np.searchsorted(bounds, chunk.numpy(), side="right") - 1  # the rank holding each example
+            mine = chunk[torch.from_numpy(owners == me)] - int(bounds[me])
+            out.append(
+                Minibatch(
+                    rows=mine.to(device) if device is not None else mine,
+                    size=len(chunk),
+                    counts=tuple(np.bincount(owners, minlength=len(counts)).tolist()),
+                )
+            )
+    return out
+
+
 # ----------------------------------------------------------------------------------- the collectives
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks, in place; returns it (unchanged in one process)."""
@@ -235,6 +322,16 @@ def all_reduce_means(values: Mapping[str, float], device: torch.device | str = "
     if not (is_distributed() and world_size() > 1) or not values:
         return dict(values)
     return {k: v / world_size() for k, v in all_reduce_sums(values, device).items()}
+
+
+def all_counts(count: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's ``count`` (e.g. of its examples), in rank order (one collective); ``[count]`` in one
+    process."""
+    if not (is_distributed() and world_size() > 1):
+        return [int(count)]
+    counts = torch.zeros(world_size(), dtype=torch.int64, device=device)
+    counts[rank()] = int(count)
+    return all_reduce_sum(counts).tolist()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

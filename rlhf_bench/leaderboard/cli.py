@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= minimum``.
+
+    A count out of range (``--nproc 0``, ``--seeds 0``, a negative seed, which NumPy's generators refuse) is
+    then a one-line usage error (exit status 2) at parse time, not a traceback minutes into the run.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def add_parser(subparsers: Any) -> None:
@@ -56,13 +76,13 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_int_at_least(0),
         default=0,
         help="seed of the task, the SFT policy and the reward models, and the agents' first seed (default: 0)",
     )
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=_int_at_least(1),
         help="repeat the whole agent sweep with N independent seeds (--seed, --seed + 1, ...) on the shared SFT "
         "policy and reward models; the intervals then cover training randomness too (default: 1 with --quick "
         "and --tiny, 3 with --full)",
@@ -75,7 +95,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.add_argument(
         "--nproc",
-        type=int,
+        type=_int_at_least(1),
         default=1,
         help="train PPO (and its sweep) and rejection sampling on N local processes through torchrun's "
         "launcher (one GPU each with --device cuda; on CPU they share the cores); evaluation stays in this "

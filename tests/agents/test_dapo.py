@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from agents.dapo import DAPOAgent, DAPOConfig, dapo_loss, informative_groups, overlong_penalty
+from agents.dapo import (
+    DAPOAgent,
+    DAPOConfig,
+    check_overlong_buffer,
+    dapo_loss,
+    informative_groups,
+    overlong_penalty,
+)
 
 
 def test_loss_is_clipped_higher_and_averaged_over_tokens():
@@ -27,6 +34,43 @@ def test_overlong_penalty_by_hand():
     )
     torch.testing.assert_close(overlong_penalty(lengths, 10, 4, factor=2.0)[2], torch.tensor(-0.5))
     torch.testing.assert_close(overlong_penalty(lengths, 10, 0), torch.tensor([0.0, 0, 0, 0, 0, -1.0]))
+
+
+def test_an_overlong_buffer_as_long_as_the_limit_is_refused():
+    """L_cache >= L_max: the punishment would start at or before the first token, punishing every response."""
+    assert check_overlong_buffer(9, 10) == 9 and check_overlong_buffer(0, 10) == 0
+    # L_cache 9 of 10: a response of 1 token is not punished, one of 2 tokens is, by (1 - 2) / 9
+    torch.testing.assert_close(overlong_penalty(torch.tensor([1, 2]), 10, 9), torch.tensor([0.0, -1 / 9]))
+    for buffer in (10, 12):
+        with pytest.raises(
+            ValueError, match=rf"overlong_buffer \({buffer}\) must be shorter .*max_new_tokens \(10\)"
+        ):
+            overlong_penalty(torch.tensor([1, 5]), 10, buffer)  # the old code gave [-0.1, -0.5]
+    with pytest.raises(ValueError, match="overlong_buffer must be >= 0"):
+        check_overlong_buffer(-1, 10)
+
+
+def test_the_agent_checks_the_overlong_buffer_against_the_environment(
+    fresh_policy, tokenizer, task_prompts, task_reward
+):
+    small = dict(prompts_per_update=2, group_size=2, progress=False)
+    agent = DAPOAgent(fresh_policy(), tokenizer, DAPOConfig(overlong_buffer=4, **small))
+    with pytest.raises(ValueError, match=r"overlong_buffer \(4\) must be shorter .*max_new_tokens \(4\)"):
+        agent.make_env(task_prompts, task_reward, num_envs=4, max_new_tokens=4)
+    env = agent.make_env(task_prompts, task_reward, num_envs=4, max_new_tokens=5)  # 4 < 5: accepted
+    batch = agent.rollout(env)
+    # L_max 5, L_cache 4: punished from 1 token on, (1 - |y|) / 4
+    expected = batch.returns + (1 - batch.lengths) / 4
+    np.testing.assert_allclose(agent.sequence_rewards(batch).numpy(), expected, atol=1e-6)
+    short = DAPOAgent(fresh_policy(), tokenizer, DAPOConfig(**small)).make_env(
+        task_prompts, task_reward, num_envs=4, max_new_tokens=3
+    )
+    with pytest.raises(ValueError, match=r"overlong_buffer \(4\) must be shorter .*max_new_tokens \(3\)"):
+        agent.train(short, 1)  # an environment built elsewhere: refused before any rollout
+    assert agent.update == 0 and agent.sampled_tokens == 0
+    batch.extras["max_new_tokens"] = 4  # learn() on episodes of a shorter budget: refused as well
+    with pytest.raises(ValueError, match="must be shorter"):
+        agent.learn(batch)
 
 
 def test_informative_groups():

@@ -23,6 +23,7 @@ from agents.rollout import Trajectories, collect_episodes
 from agents.sft import SFTConfig, sft_train
 from llm_env.distributed import (
     all_gather_objects,
+    deal_minibatches,
     full_state_dict,
     is_main_process,
     rank,
@@ -39,7 +40,7 @@ EPISODES = 8
 UPDATE = dict(
     learning_rate=1e-3,
     episodes_per_update=EPISODES,
-    minibatch_size=EPISODES,  # one minibatch: its composition is then the same on 1 and on 2 ranks
+    minibatch_size=4,  # two minibatches per epoch, dealt from the rank-order numbering as in one process
     gradient_accumulation_steps=2,
     ppo_epochs=2,
     whiten_rewards=True,
@@ -133,7 +134,11 @@ def single_process_update(work: Path, **overrides) -> tuple[dict[str, torch.Tens
 
 # ------------------------------------------------------------------------------------------------ tests
 def test_one_update_on_two_ranks_equals_one_update_in_one_process(work, torchrun):
-    """Gradient averaging and global whitening: 2 ranks x 4 episodes give the update of 1 process x 8."""
+    """Gradient averaging, global whitening and minibatches dealt by one global order: 2 ranks x 4 episodes
+    give the update of 1 process x 8 (rank 0's episodes first), with two minibatches per epoch for two epochs,
+    whose episodes are spread unevenly over the ranks."""
+    dealt = deal_minibatches([4, 4], 4, epochs=2, generator=torch.Generator().manual_seed(0))  # update 0's
+    assert {m.counts for m in dealt} > {(2, 2)}  # some minibatch holds more of one rank's episodes
     code, output = torchrun(__file__, "update", work)
     assert code == 0, output[-6000:]
     expected, stats = single_process_update(work)
@@ -197,7 +202,10 @@ def test_two_ranks_stay_identical_and_resume_exactly(work, torchrun):
     assert result["resumed_equals_straight"] == [True, True]
     assert result["update_after_resume"] == 4
     history = result["history"]
-    assert len(history) == 4 and history[-1]["kl"] > history[0]["kl"] >= 0
+    # The first rollout samples the reference itself (zero LoRA update); the later ones a policy that moved
+    # away from it. A non-zero estimate, not a growing one: at toy sizes the k1 estimate of a tiny KL from 8
+    # episodes can be negative (-0.11 at update 3 here), and its sign says nothing about the code.
+    assert len(history) == 4 and history[0]["kl"] == 0 and all(h["kl"] != 0 for h in history[1:])
     assert history[1]["kl_coef"] != history[0]["kl_coef"]  # the adaptive controller moved on global KL
     checkpoint = torch.load(work / "ck" / "training.pt", weights_only=True)
     assert checkpoint["world_size"] == 2 and len(checkpoint["rng"]) == 2  # every rank's RNG state
@@ -241,6 +249,31 @@ def test_a_rank_that_raises_stops_every_rank(work, torchrun):
     code, output = torchrun(__file__, "fail", work, timeout=240)
     assert code != 0
     assert "rank 1 fails on purpose" in output
+    assert time.perf_counter() - start < 200
+
+
+def test_save_pretrained_returns_on_every_rank_once_rank_0_has_written(work, torchrun):
+    """Every rank calls ``save_pretrained`` and rank 0 writes, slowly here (3 s before the model's files): a
+    rank that loads the policy as soon as the call returns finds rank 0's files, complete, replicated
+    (DDP) or gathered from the shards and LoRA-merged (FSDP2). Without the barrier rank 1 found nothing."""
+    code, output = torchrun(__file__, "save", work)
+    assert code == 0, output[-6000:]
+    result = json.loads((work / "save.json").read_text())
+    for case in ("ddp-0", "fsdp-4"):
+        assert result[case]["found_on_return"] == [True, True], case
+        assert len(set(result[case]["loaded"])) == 1, case  # every rank loaded the same weights
+    assert result["ddp-0"]["loaded"][0] == result["ddp-0"]["trained"]  # the weights the agent holds
+
+
+def test_a_rank_0_that_fails_to_save_stops_every_rank(work, torchrun):
+    """Rank 0 raises while writing the policy and rank 1 waits for it in ``save_pretrained``: torchrun stops
+    both and exits non-zero with rank 0's error, well before the collective timeout."""
+    import time
+
+    start = time.perf_counter()
+    code, output = torchrun(__file__, "save-fails", work, timeout=240)
+    assert code != 0
+    assert "rank 0 cannot write on purpose" in output
     assert time.perf_counter() - start < 200
 
 
@@ -404,5 +437,60 @@ def _fail(work: Path) -> None:
     agent.learn(share(episodes, np.arange(len(episodes) // 2)))  # blocks in a collective until stopped
 
 
+def _slow_or_failing_writes(fail: bool = False) -> None:
+    """On rank 0, make every ``save_pretrained`` of a model wait 3 s before writing (or raise): a rank that
+    returned from ``save_policy`` without waiting for rank 0 would look for the files before they exist."""
+    if not is_main_process():
+        return
+    import time
+
+    from transformers import PreTrainedModel
+
+    write = PreTrainedModel.save_pretrained
+
+    def slow(self, *args, **kwargs):
+        if fail:
+            raise RuntimeError("rank 0 cannot write on purpose")
+        time.sleep(3.0)
+        return write(self, *args, **kwargs)
+
+    PreTrainedModel.save_pretrained = slow
+
+
+def _save(work: Path) -> None:
+    _slow_or_failing_writes()
+    result = {}
+    for strategy, lora in (("ddp", 0), ("fsdp", 4)):
+        torch.manual_seed(0)
+        agent = PPOAgent(str(work / "policy"), config=PPOConfig(**UPDATE, strategy=strategy, lora_rank=lora))
+        path = work / f"saved-{strategy}-{lora}"
+        agent.save_pretrained(path)
+        found = (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+        loaded = digest(load_causal_lm(path)) if found else None  # right after the call returned
+        result[f"{strategy}-{lora}"] = {
+            "found_on_return": all_gather_objects(found),
+            "loaded": all_gather_objects(loaded),
+            "trained": digest(agent.policy) if strategy == "ddp" else None,
+        }
+    if is_main_process():
+        (work / "save.json").write_text(json.dumps(result))
+
+
+def _save_fails(work: Path) -> None:
+    _slow_or_failing_writes(fail=True)
+    agent = PPOAgent(str(work / "policy"), config=PPOConfig(**UPDATE))
+    agent.save_pretrained(work / "never-written")  # rank 1 waits here until torchrun stops it
+    all_gather_objects(True)  # (without the barrier, rank 1 would wait here instead)
+
+
 if __name__ == "__main__":
-    run_rank({"update": _update, "train": _train, "finetune": _finetune, "fail": _fail})
+    run_rank(
+        {
+            "update": _update,
+            "train": _train,
+            "finetune": _finetune,
+            "fail": _fail,
+            "save": _save,
+            "save-fails": _save_fails,
+        }
+    )

@@ -25,7 +25,7 @@ from agents.reinforce_pp import ReinforcePPAgent, ReinforcePPConfig
 from agents.remax import ReMaxAgent, ReMaxConfig
 from agents.rloo import RLOOAgent, RLOOConfig
 from agents.rollout import Trajectories
-from llm_env.distributed import all_gather_objects, full_state_dict, is_main_process, rank
+from llm_env.distributed import all_gather_objects, deal_minibatches, full_state_dict, is_main_process, rank
 from llm_env.tiny import tiny_gpt2, word_tokenizer
 from tests.agents.distributed_common import CORPUS, PROMPTS, assert_same_weights, digest, good_count, run_rank
 
@@ -37,7 +37,7 @@ UPDATE = dict(
     prompts_per_update=GROUPS,
     group_size=SIZE,
     epochs=2,
-    minibatch_size=None,  # one minibatch: its composition is then the same on 1 and on 2 ranks
+    minibatch_size=4,  # four minibatches per epoch, dealt from the rank-order numbering as in one process
     gradient_accumulation_steps=2,
     kl_coef=0.05,
     kl_estimator="k1",
@@ -51,7 +51,7 @@ CASES = {
     "grpo-lora-kl-loss": (GRPOAgent, GRPOConfig, {"kl_in": "loss", "kl_estimator": "k3", "lora_rank": 4}),
     "dr-grpo": (DrGRPOAgent, DrGRPOConfig, {}),  # seq-mean-token-sum-norm
     "dapo": (DAPOAgent, DAPOConfig, {}),  # token-mean, overlong shaping
-    "gspo": (GSPOAgent, GSPOConfig, {"minibatch_size": None, "clip_range": 0.2, "clip_range_high": 0.2}),
+    "gspo": (GSPOAgent, GSPOConfig, {"clip_range": 0.2, "clip_range_high": 0.2}),
     "rloo": (RLOOAgent, RLOOConfig, {}),  # seq-mean-token-sum
     "reinforce-pp": (ReinforcePPAgent, ReinforcePPConfig, {"group_size": 1, "prompts_per_update": 16}),
     "grpo-fsdp": (GRPOAgent, GRPOConfig, {"strategy": "fsdp"}),
@@ -62,7 +62,7 @@ TRAIN = dict(
     prompts_per_update=4,
     group_size=2,
     epochs=2,
-    minibatch_size=4,  # two minibatches per epoch, two episodes of each per rank
+    minibatch_size=4,  # two minibatches per epoch
     gradient_accumulation_steps=2,
     lr_schedule="cosine",
     kl_in="loss",
@@ -136,10 +136,14 @@ STATS = ("score", "kl", "reward", "response_length", "entropy", "advantage_mean"
 # ------------------------------------------------------------------------------------------------ tests
 @pytest.mark.parametrize("name", [n for n in CASES if "fsdp" not in n])
 def test_one_update_on_two_ranks_equals_one_update_in_one_process(work, update_run, name):
-    """2 ranks x 2 groups give the update of 1 process x 4 groups: every loss normaliser (sequences, tokens,
-    Dr. GRPO's constant, the KL term's), REINFORCE++'s batch whitening and the logged statistics are global.
+    """2 ranks x 2 groups give the update of 1 process x 4 groups (rank 0's first), with four minibatches per
+    epoch dealt by one global order (their episodes spread unevenly over the ranks): every loss normaliser
+    (sequences, tokens, Dr. GRPO's constant, the KL term's), REINFORCE++'s batch whitening and the logged
+    statistics are global.
     The loss and the gradient norm are compared too: Adam and gradient clipping would hide a normaliser that
     is off by the same factor on every rank."""
+    dealt = deal_minibatches([8, 8], 4, epochs=2, generator=torch.Generator().manual_seed(0))  # update 0's
+    assert (4, 0) in {m.counts for m in dealt}  # some minibatch is all rank 0's: rank 1 joins with no loss
     expected, stats = single_process_update(work, name)
     assert_same_weights(load_file(work / f"{name}.safetensors"), expected)
     keys = (*STATS, "policy_loss", "grad_norm") + (("kl_loss",) if "kl-loss" in name else ())

@@ -2,6 +2,7 @@
 token budget, configuration errors, and exact resume for every algorithm."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from agents.reinforce_pp import ReinforcePPAgent, ReinforcePPConfig
 from agents.remax import ReMaxAgent, ReMaxConfig
 from agents.rloo import RLOOAgent, RLOOConfig
 from agents.rollout import collect_episodes
-from llm_env.kl import kl_penalty
+from llm_env.kl import KLGradientBiasWarning, kl_penalty
 
 VALUES = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])  # padding positions hold garbage on purpose
 MASK = torch.tensor([[True, True, True], [True, False, False]])
@@ -109,7 +110,7 @@ def test_kl_in_the_reward_is_the_environments_penalty(
     rewards = agent.sequence_rewards(trajectories).double().numpy()
     np.testing.assert_allclose(rewards, trajectories.scores - 0.5 * trajectories.kl, atol=1e-4)
     assert np.abs(trajectories.kl).min() > 0.01  # the reference is another model: the KL is not 0
-    with pytest.raises(ValueError, match="pays the KL with 'k1'"):
+    with pytest.warns(KLGradientBiasWarning), pytest.raises(ValueError, match="pays the KL with 'k1'"):
         _agent("grpo", fresh_policy(), tokenizer, kl_estimator="k3").train(env, 1)
     next_step = agent.make_env(task_prompts, task_reward, autoreset_mode=AutoresetMode.NEXT_STEP)
     with pytest.raises(ValueError, match="DISABLED"):
@@ -123,9 +124,11 @@ def test_kl_in_the_loss_pulls_the_policy_to_the_reference(estimator, fresh_polic
     policy = fresh_policy()
     with torch.no_grad():
         policy.lm_head.weight.mul_(8)  # a much sharper policy than its reference: a KL of several nats
-    config = GRPOConfig(
-        **{**SMALL, "kl_coef": 1.0, "learning_rate": 3e-3}, kl_in="loss", kl_estimator=estimator
-    )
+    with warnings.catch_warnings():  # k3 in the loss: DeepSeekMath's choice, warned about (test_kl_gradients)
+        warnings.simplefilter("ignore", KLGradientBiasWarning)
+        config = GRPOConfig(
+            **{**SMALL, "kl_coef": 1.0, "learning_rate": 3e-3}, kl_in="loss", kl_estimator=estimator
+        )
     agent = GRPOAgent(policy, tokenizer, config, reference=reference)
     env = agent.make_env(task_prompts, lambda p, r: [0.0] * len(r), num_envs=8, max_new_tokens=4)
     assert env.kl_coef == 0.0  # the environment does not pay it...
@@ -209,7 +212,11 @@ def test_token_budget_stops_every_policy_optimiser(fresh_policy, tokenizer, task
         (PGConfig, dict(kl_coef=-1.0), "kl_coef"),
         (PGConfig, dict(clip_range=1.5), "clip_range"),
         (GRPOConfig, dict(group_size=1), "group_size must be >= 2"),
+        (DrGRPOConfig, dict(group_size=1), "group_size must be >= 2"),
+        (DAPOConfig, dict(group_size=1), "group_size must be >= 2"),
+        (GSPOConfig, dict(group_size=1, minibatch_size=None), "group_size must be >= 2"),
         (RLOOConfig, dict(group_size=1), "group_size must be >= 2"),
+        (DAPOConfig, dict(overlong_buffer=-1), "overlong_buffer"),
         (DAPOConfig, dict(max_sampling_rounds=0), "max_sampling_rounds"),
         (ReinforcePPConfig, dict(group_baseline=True), "group_size must be >= 2"),
         (DrGRPOConfig, dict(max_length=0), "max_length"),
@@ -218,6 +225,12 @@ def test_token_budget_stops_every_policy_optimiser(fresh_policy, tokenizer, task
 def test_config_errors_say_how_to_fix_them(config_class, kwargs, match):
     with pytest.raises(ValueError, match=match):
         config_class(**kwargs)
+
+
+@pytest.mark.parametrize("config_class", [ReMaxConfig, ReinforcePPConfig])
+def test_baselines_without_groups_accept_one_response_per_prompt(config_class):
+    """ReMax's baseline is the greedy response and REINFORCE++ whitens over the batch: no group needed."""
+    assert config_class(group_size=1).group_size == 1
 
 
 def test_agents_check_what_they_are_given(fresh_policy, tokenizer, task_prompts, task_reward, tmp_path):

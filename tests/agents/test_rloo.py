@@ -15,6 +15,14 @@ def test_leave_one_out_baseline():
     torch.testing.assert_close(rloo_advantages(rewards, 3)[:3], 1.5 * (rewards[:3] - 2.0))
 
 
+def test_groups_of_one_raise_instead_of_giving_nan():
+    # k = 2: each baseline is the other reward, [1, 3] -> [1 - 3, 3 - 1]
+    torch.testing.assert_close(rloo_advantages(torch.tensor([1.0, 3.0]), 2), torch.tensor([-2.0, 2.0]))
+    # k = 1: no other reward to average, the leave-one-out mean would be 0 / 0
+    with pytest.raises(ValueError, match=r"RLOO.*group_size must be >= 2, got 1"):
+        rloo_advantages(torch.tensor([1.0, 3.0]), 1)
+
+
 def test_loss_is_reinforce_on_the_sequence_log_probability():
     old = torch.zeros(2, 3)
     advantages = torch.tensor([[3.0, 3.0, 3.0], [-1.0, -1.0, -1.0]])

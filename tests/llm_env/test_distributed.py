@@ -57,6 +57,41 @@ def test_divisibility_errors_name_the_numbers():
         PPOConfig(episodes_per_update=8, minibatch_size=8, gradient_accumulation_steps=4).check_world_size(4)
 
 
+def test_minibatches_dealt_by_one_global_order_are_those_of_one_process():
+    """Ranks holding 3, 5, 0 and 2 examples (numbered in rank order) take, for every minibatch, exactly the
+    examples of the single-process minibatch, whose order is ``torch.randperm`` cut into minibatches."""
+    counts, size, epochs = [3, 5, 0, 2], 4, 2
+    single = D.deal_minibatches([10], size, epochs=epochs, generator=torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    expected = [
+        order.split(size) for order in (torch.randperm(10, generator=generator) for _ in range(epochs))
+    ]
+    expected = [chunk for chunks in expected for chunk in chunks]  # 3 minibatches per epoch: 4, 4 and 2
+    assert [m.size for m in single] == [4, 4, 2] * epochs
+    assert all(torch.equal(m.rows, chunk) for m, chunk in zip(single, expected))
+    offsets = [0, 3, 8, 8]
+    dealt = [
+        D.deal_minibatches(
+            counts, size, epochs=epochs, generator=torch.Generator().manual_seed(5), for_rank=r
+        )
+        for r in range(len(counts))
+    ]
+    for k, chunk in enumerate(expected):
+        held = torch.cat([dealt[r][k].rows + offsets[r] for r in range(len(counts))])
+        assert sorted(held.tolist()) == sorted(chunk.tolist())
+        assert all(dealt[r][k].counts == tuple(len(dealt[q][k].rows) for q in range(4)) for r in range(4))
+        assert all(dealt[r][k].size == len(chunk) for r in range(4))
+        # every rank runs as many micro-batches, the rank with the most rows sets how many
+        steps = {len(dealt[r][k].micro_batches(1)) for r in range(4)}
+        assert steps == {max(dealt[0][k].counts)}
+    assert all(0 <= i < c for r, c in enumerate(counts) for m in dealt[r] for i in m.rows.tolist())
+    # one minibatch per epoch without a size; one empty minibatch per epoch without any example
+    assert [m.size for m in D.deal_minibatches([3, 5], None, epochs=2, for_rank=1)] == [8, 8]
+    empty = D.deal_minibatches([0, 0], 4, epochs=2)
+    assert [(m.size, len(m.rows), len(m.micro_batches(2))) for m in empty] == [(0, 0, 1)] * 2
+    assert D.all_counts(7) == [7]
+
+
 @pytest.fixture
 def one_rank_group(monkeypatch):
     """The environment torchrun gives a single worker; the group is destroyed afterwards."""

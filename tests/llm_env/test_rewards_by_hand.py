@@ -1,6 +1,7 @@
 """Per-token rewards recomputed by hand from separate full forwards of the policy and the reference."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -158,3 +159,19 @@ def test_kl_coef_can_change_between_steps(make_env, gpt2, gpt2_policy):
     assert prompt_ids == obs2["input_ids"][: int(obs2["attention_mask"].sum())].tolist()
     with pytest.raises(ValueError, match="kl_coef"):
         env.kl_coef = -1.0
+
+
+@pytest.mark.parametrize(("kind", "warns"), [("k1", False), ("k2", True), ("k3", True)])
+def test_estimators_whose_reward_gradient_is_not_the_kls_warn(kind, warns, tokenizer, gpt2, reward_fn):
+    """The environment pays the KL as a reward: only k1's score-function gradient is grad KL (the exact
+    expectations are in tests/agents/test_kl_gradients.py); k2 and k3 still run, with a warning."""
+    options = dict(prompts=["the film was"], tokenizer=tokenizer, reference=gpt2, reward=reward_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        llm_env.TextGenEnv(kl_estimator=kind, **options)
+        llm_env.TextGenEnv(kl_estimator=kind, kl_coef=0.0, **options)  # no penalty paid: nothing to warn
+    biased = [w for w in caught if issubclass(w.category, llm_env.kl.KLGradientBiasWarning)]
+    assert len(biased) == int(warns)
+    if warns:
+        assert "kl_estimator='k1'" in str(biased[0].message)
+        assert biased[0].filename == __file__  # the user's line, not the library's

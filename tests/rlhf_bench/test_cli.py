@@ -85,3 +85,25 @@ def test_every_device_option_defaults_to_auto():
     assert ThroughputSettings.device == "auto"
     benchmark = build_parser()._subparsers._group_actions[0].choices["benchmark"]
     assert benchmark.get_default("device") == "auto"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--nproc", "0"], "argument --nproc: must be an integer >= 1, got 0"),
+        (["--nproc", "-2"], "argument --nproc: must be an integer >= 1, got -2"),
+        (["--seeds", "0"], "argument --seeds: must be an integer >= 1, got 0"),
+        (["--seeds", "-1"], "argument --seeds: must be an integer >= 1, got -1"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+        (["--nproc", "two"], "argument --nproc: must be an integer >= 1, got 'two'"),
+    ],
+)
+def test_benchmark_rejects_out_of_range_numbers_with_a_usage_error(argv, message, capsys):
+    """A bad count is a one-line usage error (exit status 2) before anything runs, not a traceback from
+    deep inside the run."""
+    with pytest.raises(SystemExit) as stop:
+        main(["benchmark", "--tiny", *argv])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"llm-env benchmark: error: {message}"
+    assert "Traceback" not in err
