@@ -139,6 +139,11 @@ class _BatchAccessors:
         return self.batch.pad_id
 
     @property
+    def stop_token_ids(self) -> list[int]:
+        """The tokens that end an episode (EOS, and with chat prompts the template's end-of-turn token)."""
+        return self.batch.stop_token_ids.tolist()
+
+    @property
     def max_length(self) -> int:
         """L: the observation length, ``max_prompt_length + max_new_tokens``."""
         return self.batch.max_length

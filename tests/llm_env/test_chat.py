@@ -74,7 +74,7 @@ def test_conversations_are_rendered_up_to_the_assistants_turn(chat_tok, chat_mod
     # The episode ends at the template's end-of-turn token; the reward source sees the rendered prompt
     # (a ChatPrompt carrying the messages) and the response text without the turn marker.
     eot = chat_tok.convert_tokens_to_ids("<|im_end|>")
-    assert set(env.batch.stop_token_ids.tolist()) == {chat_tok.eos_token_id, eot}
+    assert env.stop_token_ids == [chat_tok.eos_token_id, eot]
     env.reset(options={"prompt_index": 1})
     env.step(chat_tok.convert_tokens_to_ids("good"))
     _, _, terminated, truncated, info = env.step(eot)
@@ -97,7 +97,7 @@ def test_text_prompts_with_chat_template_are_one_user_message(chat_tok, chat_mod
         prompts=["the film was"], tokenizer=chat_tok, reference=chat_model, reward=lambda p, r: [0.0] * len(p)
     )
     assert plain.prompt_text(0) == "the film was" and not isinstance(plain.prompt_text(0), ChatPrompt)
-    assert plain.batch.stop_token_ids.tolist() == [chat_tok.eos_token_id]  # no chat: EOS only
+    assert plain.stop_token_ids == [chat_tok.eos_token_id]  # no chat: EOS only
 
 
 def test_conversations_from_jsonl_and_from_a_datasets_column(chat_tok, tmp_path):
