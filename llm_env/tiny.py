@@ -1,17 +1,19 @@
 """Tiny tokenizers and models built from configs, for tests, examples and the offline benchmark.
 
 Nothing can be downloaded at run time on a CI machine, so everything small enough to be built locally is
-built here: a word-level tokenizer from a corpus and GPT-2- or Llama-shaped causal LMs from configs.
+built here: a word-level or a character-level tokenizer from a corpus and GPT-2- or Llama-shaped causal LMs
+from configs.
 Saved with ``save_pretrained`` and loaded back by path, they exercise the same loading code as hub models.
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2ForSequenceClassification,
@@ -27,6 +29,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "SPECIAL_TOKENS",
     "TINY_ARCHITECTURES",
+    "char_tokenizer",
     "chat_tokenizer",
     "numbered_tokenizer",
     "tiny_causal_lm",
@@ -50,8 +53,17 @@ def _wrap(
             special_tokens=list(SPECIAL_TOKENS), vocab_size=vocab_size or 1_000_000, min_frequency=1
         )
         tokenizer.train_from_iterator(train_on, trainer)
+    return _fast(tokenizer)
+
+
+def _fast(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """``tokenizer`` as a transformers tokenizer with the three special tokens, decoding text as it is."""
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,  # " ." stays " .": decoding must give back the encoded text
     )
 
 
@@ -63,6 +75,33 @@ def word_tokenizer(corpus: Iterable[str], *, vocab_size: int | None = None) -> P
     the response text from the full text).
     """
     return _wrap(models.WordLevel(unk_token="<unk>"), corpus, vocab_size)
+
+
+def char_tokenizer(corpus: Iterable[str], *, printable: bool = True) -> PreTrainedTokenizerFast:
+    r"""A character-level tokenizer: every character of ``corpus`` (and, with ``printable``, of
+    ``string.printable``) is one token, after ``<pad>``, ``<eos>`` and ``<unk>``; other characters encode to
+    ``<unk>``.
+
+    For free text a word vocabulary cannot cover (the questions of a procedural generator, with their
+    punctuation, digits and newlines): ``decode(encode(text)) == text`` exactly, spaces and newlines included,
+    for text written in the vocabulary, and the decoding of a prefix is a prefix of the decoding (what the
+    environment relies on to cut the response text from the full text).
+
+    >>> tokenizer = char_tokenizer(["12 + 3 =\n"])
+    >>> ids = tokenizer("1 + 2 =\n 3")["input_ids"]
+    >>> len(ids), tokenizer.decode(ids)
+    (10, '1 + 2 =\n 3')
+    """
+    alphabet = {c for text in corpus for c in text}
+    if printable:
+        alphabet |= set(string.printable)
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for char in sorted(alphabet):  # sorted: the same corpus gives the same ids whatever its order
+        vocab.setdefault(char, len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one per char
+    tokenizer.decoder = decoders.Fuse()  # concatenated as they are: no separator, nothing cleaned up
+    return _fast(tokenizer)
 
 
 def numbered_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

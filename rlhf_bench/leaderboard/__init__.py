@@ -5,7 +5,9 @@ policy, simulated preferences from a gold rater, proxy reward models), trains ev
 the task's reward on the same environment and prompts (``settings.seeds`` times, with independent seeds),
 and scores them all with its gold on held-out prompts, every number with a 95% bootstrap interval
 (:mod:`~rlhf_bench.leaderboard.stats`) and every row with what it consumed. ``--task sorting`` runs the
-built-in verifiable task instead (a checker is reward and gold). Register your own entry with
+built-in verifiable task instead (a checker is reward and gold), ``--task reasoning-gym:<dataset>`` any
+dataset of reasoning-gym (``rg-spell-backward`` and ``rg-count-bits`` at a difficulty the tiny policies learn
+partly; ``pip install -e ".[tasks]"``). Register your own entry with
 :func:`register_agent`, your own task with :func:`register_task`.
 """
 
@@ -30,6 +32,10 @@ from rlhf_bench.leaderboard.task import ReviewTask
 from rlhf_bench.leaderboard.tasks import TaskEntry, register_task, registered_tasks
 from rlhf_bench.leaderboard.verifiable import VerifiableTask, build_verifiable_artifacts
 
+# isort: split
+# After the built-in tasks, which the registry lists first; reasoning-gym itself is imported on first use.
+from rlhf_bench.leaderboard.reasoning_gym import ReasoningGymTask  # registers the reasoning-gym tasks
+
 __all__ = [
     "AgentEntry",
     "Artifacts",
@@ -40,6 +46,7 @@ __all__ = [
     "Estimate",
     "EvalResult",
     "RandomAgent",
+    "ReasoningGymTask",
     "Resampler",
     "ReviewTask",
     "Row",

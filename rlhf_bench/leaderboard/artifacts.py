@@ -143,16 +143,18 @@ def train_sft_policy(
     log: Log,
     progress: bool,
     what: str = "texts",
+    n_positions: int = 128,
 ) -> tuple[Any, dict[str, Any]]:
     """A GPT-2-shaped policy of the settings' size, pretrained with the language-modelling loss on every
     token of ``documents``, then fine-tuned on (prompt, response) ``pairs`` (loss on the responses only):
-    the SFT model of a task, in eval mode. ``what`` names the texts in the log lines."""
+    the SFT model of a task, in eval mode. ``what`` names the texts in the log lines; ``n_positions`` is
+    the policy's context (prompt and response together, in tokens)."""
     model = tiny_gpt2(
         tokenizer,
         n_layer=settings.policy_layers,
         n_embd=settings.policy_width,
         n_head=4,
-        n_positions=128,
+        n_positions=n_positions,
         seed=settings.seed,
     ).to(device)
     config = SFTConfig(

@@ -109,8 +109,8 @@ def _ppo_config(ctx: BenchmarkContext, kl_coef: float, name: str) -> PPOConfig:
     return PPOConfig(
         learning_rate=s.ppo_lr,
         episodes_per_update=s.ppo_episodes,
-        minibatch_size=max(1, s.ppo_episodes // 4),
-        ppo_epochs=4,
+        minibatch_size=max(1, s.ppo_episodes // s.minibatches),
+        ppo_epochs=s.update_epochs,
         kl_coef=kl_coef,
         critic=ctx.artifacts.critic_path,
         seed=s.seed,
@@ -176,7 +176,7 @@ def pg_run(
 ) -> PGAgent:
     """Train a critic-free agent with the benchmark's shared settings until it has sampled ``token_budget``
     response tokens: learning rate, rollout of ``ppo_episodes`` episodes (``group_size`` responses per prompt
-    when ``grouped``, else one per prompt), PPO's 4 epochs of 4 minibatches, and beta ``ppo_kl_coef`` in the
+    when ``grouped``, else one per prompt), PPO's ``update_epochs`` passes of ``minibatches`` minibatches, and beta ``ppo_kl_coef`` in the
     environment's k1 reward, unless ``overrides`` say otherwise. The algorithm's own knobs (clip ranges,
     dynamic sampling, overlong shaping) keep their defaults."""
     s = ctx.settings
@@ -187,8 +187,8 @@ def pg_run(
         learning_rate=s.ppo_lr,
         prompts_per_update=s.ppo_episodes // group,
         group_size=group,
-        epochs=4,
-        minibatch_size=max(1, s.ppo_episodes // 4),
+        epochs=s.update_epochs,
+        minibatch_size=max(1, s.ppo_episodes // s.minibatches),
         kl_coef=s.ppo_kl_coef,
         kl_in="reward",
         kl_estimator="k1",

@@ -34,8 +34,8 @@ def add_parser(subparsers: Any) -> None:
         help="build a task, train every agent on one environment, print the leaderboard",
         description=(
             "Builds (or reuses from the cache) a task's tiny SFT policy and reward: by default the review task "
-            "(simulated preferences and proxy reward models, scored by a gold rater), with --task sorting a "
-            "verifiable task (a checker is both reward and gold). Then trains and evaluates every registered agent "
+            "(simulated preferences and proxy reward models, scored by a gold rater), with --task sorting or a "
+            "reasoning-gym task a verifiable one (a checker is both reward and gold). Then trains and evaluates every registered agent "
             "on the same environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), GRPO (KL in the reward and "
             "in the loss), RLOO, rejection sampling then PPO, Stable-Baselines3 PPO and a random agent; --agents all "
             "adds Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. Every score, win-rate and KL carries a 95% bootstrap "
@@ -90,7 +90,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--task",
         help="the task: reviews (default; learned proxy reward, gold rater) or sorting (verifiable reward: "
-        "a checker); tasks registered with rlhf_bench.leaderboard.register_task work too",
+        "a checker); after pip install -e '.[tasks]', reasoning-gym:<dataset> (any reasoning-gym dataset, its "
+        "score_answer the checker), rg-spell-backward or rg-count-bits (reasoning in a scratchpad first; "
+        "reasoning-gym datasets at a difficulty the tiny policies partly learn); tasks registered with "
+        "rlhf_bench.leaderboard.register_task work too",
+    )
+    parser.add_argument(
+        "--no-task-settings",
+        dest="task_settings",
+        action="store_false",
+        help="run the preset's settings as they are, without the task's own (e.g. sorting's token budget and "
+        "update shape; what a task changes is logged and kept in leaderboard.json's task_settings)",
     )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     parser.add_argument(
@@ -138,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         gold_reward_model=args.gold_reward_model,
         progress=args.progress,
         nproc=args.nproc,
+        use_task_settings=args.task_settings,
     )
     print(f"benchmark finished in {result.seconds:.0f}s; reports in {args.out}")
     return 0

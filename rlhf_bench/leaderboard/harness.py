@@ -57,6 +57,9 @@ __all__ = [
 
 AgentFactory = Callable[["BenchmarkContext"], Any]
 
+CURVE_METRICS = ("gold", "proxy", "kl", "response_length")
+"""What every point of a :class:`TrainingCurve` measures, each with per-prompt values for its interval."""
+
 
 @dataclass(frozen=True)
 class AgentEntry:
@@ -150,9 +153,15 @@ class EvalResult:
         return int(self.prompt_index.max()) + 1 if len(self.prompt_index) else 0
 
     def per_prompt(self, metric: str) -> np.ndarray:
-        """``"gold"``, ``"proxy"`` or ``"kl"`` averaged over each prompt's draws, shape ``(num_prompts,)``
-        (NaN for gold without a gold rater, and for KL when the agent reported no log-probabilities)."""
-        values = {"gold": self.gold, "proxy": self.proxy, "kl": self.kl}[metric]
+        """``"gold"``, ``"proxy"``, ``"kl"`` or ``"response_length"`` (tokens) averaged over each prompt's
+        draws, shape ``(num_prompts,)`` (NaN for gold without a gold rater, and for KL when the agent reported
+        no log-probabilities)."""
+        values = {
+            "gold": self.gold,
+            "proxy": self.proxy,
+            "kl": self.kl,
+            "response_length": self.lengths,
+        }[metric]
         if values is None:
             return np.full(self.num_prompts, np.nan)
         return per_prompt_means(values, self.prompt_index, self.num_prompts)
@@ -341,9 +350,13 @@ class TrainingCurve:
     ``k / curve_points`` of ``budget`` (k = 1 .. ``curve_points``) it evaluates the agent on the first
     ``curve_prompts`` held-out prompts, one draw each, and adds a point for every fraction crossed (an
     update crossing two gets one evaluation, recorded for both); every seed of a run therefore has the same
-    points, which the runner averages with their intervals. :meth:`finish` records them (``curve``, with
-    per-prompt values for the intervals) and the seconds they took (``curve_seconds``: the runner takes
-    them out of the row's wall time). On N processes only rank 0 evaluates (its replica acts alone).
+    points, which the runner averages with their intervals. Each point holds the mean gold, proxy, KL and
+    response length (tokens) of its evaluation responses: the length shows the length bias of a loss that
+    normalises by each response's own length, which Dr. GRPO removes (Liu et al. 2025, "Understanding
+    R1-Zero-Like Training: A Critical Perspective": GRPO's responses that are wrong keep growing longer).
+    :meth:`finish` records them (``curve``, with per-prompt values for the intervals) and the seconds they
+    took (``curve_seconds``: the runner takes them out of the row's wall time). On N processes only rank 0
+    evaluates (its replica acts alone).
     """
 
     def __init__(self, ctx: BenchmarkContext, name: str, agent: Any, *, budget: int) -> None:
@@ -365,7 +378,8 @@ class TrainingCurve:
             "kl": float(np.nanmean(result.kl)) if np.isfinite(result.kl).any() else float("nan"),
             "proxy": float(np.mean(result.proxy)),
             "gold": float(np.mean(result.gold)) if result.gold is not None else float("nan"),
-            "per_prompt": {metric: result.per_prompt(metric) for metric in ("gold", "proxy", "kl")},
+            "response_length": float(np.mean(result.lengths)),
+            "per_prompt": {metric: result.per_prompt(metric) for metric in CURVE_METRICS},
         }
 
     def start(self) -> None:

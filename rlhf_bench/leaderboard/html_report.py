@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_bench.leaderboard.table import COLUMNS, caption, format_table, interval_cell, ranked
+from rlhf_bench.leaderboard.passk import pass_at_k_table
+from rlhf_bench.leaderboard.table import caption, columns, format_table, interval_cell, ranked
 
 __all__ = ["render_html", "write_html"]
 
@@ -50,6 +51,12 @@ PLOT_CAPTIONS = {
     "rounds.",
     "reward_models.png": "The proxy reward models' held-out pairwise accuracy against the noiseless gold, per "
     "Llama 2 preference level.",
+    "response_length.png": "Mean response length (tokens) on held-out prompts along training, for every agent "
+    "with a token budget (bands: 95% intervals), and the other rows' final length: per-response length "
+    "normalisation lets wrong answers grow longer (Liu et al. 2025), which Dr. GRPO removes.",
+    "pass_at_k.png": "pass@k against k, every agent against the SFT policy (black): the unbiased estimate "
+    "(Chen et al. 2021), bands are 95% intervals. An agent above SFT at k = 1 but below it at large k sharpened "
+    "its policy by narrowing what it samples (Yue et al. 2025).",
 }
 
 
@@ -64,12 +71,13 @@ def _number(value: Any, pattern: str = "{:.3f}") -> str:
 
 
 def _leaderboard(result: Any, rows: Sequence[dict[str, Any]]) -> str:
-    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in COLUMNS)
+    shown = columns(rows)
+    head = "".join(f"<th>{_e(title)}</th>" for _, title, _ in shown)
     body = []
     for row in rows:
         kind = "best" if row.get("best") else "tied" if row.get("same_as_best") else ""
         cells = "".join(
-            f"<td{'' if key == 'agent' else ' class=num'}>{_e(cell(row))}</td>" for key, _, cell in COLUMNS
+            f"<td{'' if key == 'agent' else ' class=num'}>{_e(cell(row))}</td>" for key, _, cell in shown
         )
         body.append(f'<tr class="{kind}">{cells}</tr>' if kind else f"<tr>{cells}</tr>")
     return (
@@ -104,6 +112,24 @@ def _best_of_k(result: Any) -> str:
         "<h3>Best-of-k</h3><table><thead><tr><th>k</th><th>KL measured (rank estimate)</th>"
         "<th>KL theory log k - (k-1)/k</th><th>proxy</th><th>gold</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>"
+    )
+
+
+def _pass_at_k(result: Any, rows: Sequence[dict[str, Any]]) -> str:
+    header, body = pass_at_k_table(rows)
+    if not body:
+        return ""
+    head = "".join(f"<th>{_e(title)}</th>" for title in header)
+    lines = "".join(
+        "<tr>"
+        + "".join(f"<td{' class=num' if i else ''}>{_e(c)}</td>" for i, c in enumerate(cells))
+        + "</tr>"
+        for cells in body
+    )
+    return (
+        f"<h3>pass@k</h3><p class=meta>Unbiased estimate (Chen et al. 2021) from {result.pass_at_k['samples']} "
+        "samples on each held-out prompt, with 95% intervals.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{lines}</tbody></table>"
     )
 
 
@@ -236,6 +262,7 @@ def render_html(
         *(_figure(path) for path in plots),
         "<h2>Measurements</h2>",
         _best_of_k(result),
+        _pass_at_k(result, rows),
         _fits(fits),
         _reward_models(result),
         "<h2>Samples</h2>",

@@ -6,6 +6,10 @@ Every score, win-rate and KL is shown as ``mean [low, high]``, its 95% interval
 gold score against the sampled tokens (sample efficiency) and against the KL to the SFT policy (the
 frontier), one curve per agent with a token budget, with its interval band.
 
+On a verifiable task the rows also carry pass@1 and pass@k (:mod:`~rlhf_bench.leaderboard.passk`), whose
+curves ``pass_at_k.png`` draws against the SFT policy's. ``response_length.png`` draws, on every task, the
+mean response length along training (the length bias of per-response length normalisation shows there).
+
 The over-optimisation plot follows Gao, Schulman and Hilton (2022): gold and proxy scores against
 ``d = sqrt(KL(pi || pi_sft))``, with their functional forms fitted to the gain over the SFT policy,
 ``R(d) = d (alpha - beta d)`` for best-of-k and ``R(d) = d (alpha - beta log d)`` for RL.
@@ -23,9 +27,11 @@ from typing import Any
 import numpy as np
 
 from rlhf_bench.leaderboard.html_report import write_html
+from rlhf_bench.leaderboard.passk import PLOT as PASS_AT_K_PLOT
+from rlhf_bench.leaderboard.passk import pass_at_k_table, plot_pass_at_k
 from rlhf_bench.leaderboard.table import (
-    CSV_FIELDS,
     caption,
+    csv_fields,
     format_table,
     format_value,
     interval_cell,
@@ -103,7 +109,9 @@ def payload(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> di
         "device": result.device,
         "provenance": result.provenance,
         "task": result.task,
+        "task_settings": getattr(result, "task_settings", {}),
         "verifiable": result.verifiable,
+        "pass_at_k": result.pass_at_k,
     }
 
 
@@ -112,18 +120,20 @@ def write_report(result: Any, out_dir: Path, *, log: Callable[[str], None] = pri
 
     ``leaderboard.json`` holds the summary rows (means, 95% intervals, marks, budget columns), how the
     intervals were computed (``statistics``), every seed's own rows, curves, budgets and histories
-    (``per_seed``), the averaged curves and best-of-k points with intervals, the Gao et al. fits, the
-    reward models' accuracies, every setting, the samples, and the versions, git commit, device and command
-    (``provenance``).
+    (``per_seed``), the averaged curves (with the mean response length) and best-of-k points with intervals,
+    on a verifiable task every row's pass@k curve (``pass_at_{k}`` keys) and how it was measured
+    (``pass_at_k``), the Gao et al. fits, the reward models' accuracies, every setting, the samples, and the
+    versions, git commit, device and command (``provenance``).
     """
     out_dir = Path(out_dir)
     rows = ranked(result.rows, result.has_gold)
     log("\n" + format_table(rows) + "\n\n" + caption(result) + "\n")
+    fields = csv_fields(rows)
     with open(out_dir / "leaderboard.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k) for k in CSV_FIELDS})
+            writer.writerow({k: row.get(k) for k in fields})
     fits = _fits(result)
     data = payload(result, rows, fits)
     text = json.dumps(_strict(data), indent=2, default=_json_default, allow_nan=False)
@@ -235,6 +245,18 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
                 f"| {p['k']} | {interval_cell('kl_measured', 3)(p)} | {p['kl_theory']:.3f} | "
                 f"{interval_cell('proxy', 3)(p)} | {interval_cell('gold', 3)(p)} |"
             )
+    header, body = pass_at_k_table(rows)
+    if body:
+        lines += [
+            "",
+            f"pass@k, unbiased estimate from {result.pass_at_k['samples']} samples on each held-out prompt "
+            "(Chen et al. 2021), with 95% intervals; an agent below the SFT policy at large k narrowed what "
+            "it samples (Yue et al. 2025):",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in body),
+        ]
     if fits:
         lines += [
             "",
@@ -260,7 +282,8 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
             ]
     lines += [
         "",
-        "Plots: `overoptimization.png`, `efficiency.png`, `training.png`, `reward_models.png`. Samples: "
+        "Plots: `overoptimization.png`, `efficiency.png`, `training.png`, `reward_models.png`, "
+        f"`response_length.png`{', `pass_at_k.png`' if result.pass_at_k else ''}. Samples: "
         "`samples.md`. Everything in one page: `report.html`. Versions, git commit, device: "
         "`leaderboard.json` (`provenance`).",
         "",
@@ -498,4 +521,57 @@ def _plots(result: Any, out_dir: Path, fits: dict[str, Any]) -> list[str]:
         fig.savefig(out_dir / "reward_models.png", dpi=110)
         plt.close(fig)
         written.append("reward_models.png")
+
+    _plot_response_length(plt, result, out_dir / "response_length.png")
+    written.append("response_length.png")
+    if result.pass_at_k and plot_pass_at_k(
+        ranked(result.rows, result.has_gold), result.pass_at_k, out_dir / PASS_AT_K_PLOT
+    ):
+        written.append(PASS_AT_K_PLOT)
     return written
+
+
+def _plot_response_length(plt: Any, result: Any, path: Path) -> None:
+    """``response_length.png``: the mean response length (tokens) of every agent with a training curve along
+    its sampled tokens, with its 95% band, and the other rows' final length as grey diamonds. A loss that
+    divides each response's summed token losses by its own length weights the tokens of long wrong answers
+    less, so wrong answers drift longer (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+    Perspective"); Dr. GRPO's constant normaliser removes that bias, and the difference shows here."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    cmap = plt.get_cmap("tab10" if len(result.curves) <= 10 else "tab20")
+    for i, (name, curve) in enumerate(result.curves.items()):
+        tokens = np.array([p["sampled_tokens"] for p in curve], dtype=float)
+        _band(ax, tokens, curve, "response_length", cmap(i % cmap.N), marker="o", markersize=3, label=name)
+    # Rows without a curve: their final length; one far above every curve (a random policy) is only named.
+    means = [p["response_length"] for curve in result.curves.values() for p in curve]
+    means = [v for v in means if v is not None and math.isfinite(v)]
+    limit = 1.5 * max(means) if means else math.inf
+    hidden = []
+    for row in result.rows:
+        length = getattr(row, "response_length", float("nan"))
+        if row.agent in result.curves or not math.isfinite(length):
+            continue
+        if length > limit:
+            hidden.append(f"{row.agent} {length:.1f}")
+            continue
+        x = row.sampled_tokens or 0.0
+        ax.plot(x, length, "D", color="0.35", markersize=4)
+        ax.annotate(row.agent, (x, length), fontsize=7, textcoords="offset points", xytext=(4, -9))
+    ax.set(
+        title="Mean response length along training"
+        + (f" ({', '.join(hidden)}: off the chart)" if hidden else ""),
+        xlabel="response tokens sampled in training",
+        ylabel="mean response length (tokens, held-out)",
+    )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Every agent with a token budget, evaluated along training on {result.settings.get('curve_prompts')} "
+        "held-out prompts (bands: 95% intervals);\ngrey diamonds: the other rows on every held-out prompt at "
+        "the end, at the tokens they sampled",
+        fontsize=8,
+        y=0.995,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -9,6 +9,11 @@ Each metric of a row is the mean over seeds, held-out prompts and draws of:
 * ``win_rate``: 1 when the gold score (the proxy without a gold rater) beats the SFT policy's answer to the
   same prompt and draw on the same seed, 1/2 on a tie, 0 below.
 
+On a verifiable task a row also carries ``pass@k`` (:mod:`~rlhf_bench.leaderboard.passk`): per prompt, the
+unbiased estimate of the chance that one of k samples is correct, resampled like the metrics above, and
+``pass_at_1_vs_sft``: its pass@1 minus the SFT policy's, paired by seed and prompt, with the interval of that
+difference (RL raised the share of correct answers when it lies above 0).
+
 The intervals come from :class:`~rlhf_bench.leaderboard.stats.Resampler` (prompts, and seeds when there
 are several), and a row is *not significantly different from the best* when the paired interval of its
 difference to the best row in the ranking metric contains 0.
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_bench.leaderboard.harness import EvalResult, paired_wins
-from rlhf_bench.leaderboard.stats import Resampler, paired_difference, per_prompt_means
+from rlhf_bench.leaderboard.stats import Estimate, Resampler, paired_difference, per_prompt_means
 
 __all__ = ["METRICS", "Row", "SeedRow", "seed_row", "summarise"]
 
@@ -50,6 +55,11 @@ class SeedRow:
     tokens_per_s: float = float("nan")
     """Generation throughput of its evaluation on the held-out prompts."""
     note: str = ""
+    response_length: float = float("nan")
+    """Mean length (tokens) of its responses to the held-out prompts; NaN when not measured (best-of-k)."""
+    pass_at_k: dict[int, np.ndarray] = field(default_factory=dict)
+    """k -> per-prompt pass@k on a verifiable task, shape ``(prompts,)``; empty on other tasks and for
+    best-of-k (:func:`~rlhf_bench.leaderboard.passk.measure_pass_at_k`)."""
 
 
 def seed_row(
@@ -81,6 +91,7 @@ def seed_row(
         wall_time_s=wall_time_s,
         tokens_per_s=result.tokens_per_s,
         note=note,
+        response_length=float(np.mean(result.lengths)) if len(result.lengths) else float("nan"),
     )
 
 
@@ -121,11 +132,24 @@ class Row:
     gap_low: float = float("nan")
     gap_high: float = float("nan")
     seeds: int = 1
+    response_length: float = float("nan")
+    """Mean response length (tokens) at evaluation, over seeds (NaN: not measured)."""
+    pass_at_k: dict[int, Estimate] = field(default_factory=dict)
+    """k -> pass@k with its interval on a verifiable task (empty otherwise); :meth:`as_dict` writes them as
+    ``pass_at_{k}``, ``pass_at_{k}_low`` and ``pass_at_{k}_high``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Anything else a row carries into ``leaderboard.json`` (e.g. best-of-k's theoretical KL)."""
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("extra", "pass_at_k")}
+        for k, estimate in self.pass_at_k.items():
+            out.update(
+                {
+                    f"pass_at_{k}": estimate.mean,
+                    f"pass_at_{k}_low": estimate.low,
+                    f"pass_at_{k}_high": estimate.high,
+                }
+            )
         out.update(self.extra)
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
@@ -141,7 +165,8 @@ def summarise(
     """The rows of every seed (``per_seed[i]``: seed i's rows, same agents in the same order) as
     :class:`Row` s with intervals from ``resampler`` (its shape must be ``(seeds, prompts)``), the best row by
     ``rank_by`` marked, and every row whose paired difference to it has an interval containing 0 marked
-    ``same_as_best``."""
+    ``same_as_best``. Rows with pass@k get its intervals from the same ``resampler`` (pass@k is measured on
+    the same held-out prompts)."""
     if rank_by not in METRICS:
         raise ValueError(f"rank_by must be one of {METRICS}, got {rank_by!r}")
     if not per_seed or len(per_seed) != resampler.shape[0]:
@@ -167,6 +192,10 @@ def summarise(
                 estimate.low,
                 estimate.high,
             )
+        ks = sorted(cells[0].pass_at_k)
+        if any(sorted(c.pass_at_k) != ks for c in cells):
+            raise ValueError(f"{name} has pass@k for different k on different seeds")
+        pass_at_k = {k: resampler.estimate(np.stack([c.pass_at_k[k] for c in cells])) for k in ks}
         wall = float(np.mean([c.wall_time_s for c in cells]))
         sampled = _mean([c.sampled_tokens for c in cells])
         out.append(
@@ -180,9 +209,23 @@ def summarise(
                 gradient_steps=_mean([c.gradient_steps for c in cells]),
                 train_tokens_per_s=sampled / wall if sampled and wall > 0 else float("nan"),
                 seeds=len(per_seed),
+                response_length=float(np.mean([c.response_length for c in cells])),
+                pass_at_k=pass_at_k,
                 **fields,
             )
         )
+    # pass@1 against the SFT policy's, paired by seed and prompt: whether RL raised the share of correct
+    # answers, which the claims of a verifiable task are about (``pass_at_1_vs_sft`` and its interval).
+    if "sft" in names and 1 in per_seed[0][names.index("sft")].pass_at_k:
+        sft = np.stack([rows[names.index("sft")].pass_at_k[1] for rows in per_seed])
+        for i, row in enumerate(out):
+            if 1 in row.pass_at_k:
+                diff = paired_difference(
+                    np.stack([rows[i].pass_at_k[1] for rows in per_seed]), sft, resampler
+                )
+                row.extra.update(
+                    pass_at_1_vs_sft=diff.mean, pass_at_1_vs_sft_low=diff.low, pass_at_1_vs_sft_high=diff.high
+                )
     ranked = [row for row in out if math.isfinite(getattr(row, rank_by))]
     if ranked:
         best = max(ranked, key=lambda row: getattr(row, rank_by))

@@ -19,17 +19,19 @@ from llm_env.models import resolve_device
 from rlhf_bench.leaderboard.artifacts import Artifacts, build_artifacts, load_byo_artifacts
 from rlhf_bench.leaderboard.builtin_agents import ppo_run
 from rlhf_bench.leaderboard.harness import (
+    CURVE_METRICS,
     BenchmarkContext,
     EvalResult,
     registered_agents,
     select_agents,
 )
 from rlhf_bench.leaderboard.launch import DATA_PARALLEL_ENTRIES, TrainingJob, train_on_processes
+from rlhf_bench.leaderboard.passk import measure_pass_at_k, pass_at_k_description
 from rlhf_bench.leaderboard.provenance import provenance
 from rlhf_bench.leaderboard.rows import Row, SeedRow, seed_row, summarise
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 from rlhf_bench.leaderboard.stats import LEVEL, Resampler
-from rlhf_bench.leaderboard.tasks import DEFAULT_TASK, get_task
+from rlhf_bench.leaderboard.tasks import DEFAULT_TASK, get_task, task_settings
 
 __all__ = ["BenchmarkResult", "Row", "SeedRun", "best_of_k_curve", "run_benchmark", "statistics_description"]
 
@@ -72,6 +74,12 @@ class BenchmarkResult:
     """The registered task the agents ran on (None: your own models)."""
     verifiable: bool = False
     """Whether the task's reward is its gold (a checker): no proxy gap."""
+    task_settings: dict[str, Any] = field(default_factory=dict)
+    """What the task's own settings changed in the preset, ``{field: {"preset": ..., "task": ...}}``
+    (:func:`~rlhf_bench.leaderboard.tasks.task_settings`); ``settings`` holds the values the run used."""
+    pass_at_k: dict[str, Any] = field(default_factory=dict)
+    """On a verifiable task, how the rows' pass@k were measured (:mod:`~rlhf_bench.leaderboard.passk`); empty
+    on other tasks."""
 
 
 def best_of_k_curve(
@@ -137,6 +145,7 @@ def run_benchmark(
     progress: bool = True,
     log: Callable[[str], None] = print,
     nproc: int = 1,
+    use_task_settings: bool = True,
 ) -> BenchmarkResult:
     """Run the benchmark and write the leaderboard, plots, samples and ``report.html`` to ``out_dir``.
 
@@ -157,6 +166,9 @@ def run_benchmark(
             the reward model and reports no gold score.
         nproc: train PPO (with its sweep) and rejection sampling on this many local processes
             (:mod:`rlhf_bench.leaderboard.launch`); evaluation stays in this process.
+        use_task_settings: apply the task's own settings to ``settings`` (e.g. the sorting task's budget and
+            update shape; :func:`~rlhf_bench.leaderboard.tasks.task_settings`), recorded in the result's
+            ``task_settings``; False runs the preset as it is.
     """
     from rlhf_bench.leaderboard.report import write_report
 
@@ -174,8 +186,16 @@ def run_benchmark(
             f"--task {task} builds a task's own models: drop it to run on your own --policy and --reward-model"
         )
     task = None if byo_run else (task or DEFAULT_TASK)
+    changed: dict[str, Any] = {}
     if task is not None:
         get_task(task)  # an unknown name fails before anything is built
+        if use_task_settings:
+            settings, changed = task_settings(task, settings)
+            if changed:
+                log(
+                    f"task {task}'s own settings: "
+                    + ", ".join(f"{key} {v['preset']} -> {v['task']}" for key, v in changed.items())
+                )
     if byo_run:
         if policy is None or reward_model is None:
             raise ValueError(
@@ -280,7 +300,9 @@ def run_benchmark(
         statistics=statistics_description(len(seeds), n_prompts, settings, rank_by),
         provenance=provenance(device),
         task=task,
+        task_settings=changed,
         verifiable=artifacts.verifiable,
+        pass_at_k=pass_at_k_description(settings, n_prompts, runs[0].records) if artifacts.verifiable else {},
     )
     write_report(result, out_dir, log=log)
     return result
@@ -314,6 +336,18 @@ def _run_seed(
     log(
         f"sft: gold {_mean(rows[0], 'gold'):.3f}, proxy {_mean(rows[0], 'proxy'):.3f} on {len(baseline.responses)} held-out responses"
     )
+
+    def pass_rates(agent: Any, row: SeedRow) -> None:
+        """On a verifiable task, the row's pass@k from ``pass_k_samples`` more answers to every held-out
+        prompt (:mod:`~rlhf_bench.leaderboard.passk`)."""
+        if not ctx.artifacts.verifiable:
+            return
+        row.pass_at_k = measure_pass_at_k(ctx, agent, row.agent)
+        shown = ", ".join(f"pass@{k} {values.mean():.3f}" for k, values in row.pass_at_k.items())
+        seconds = ctx.records[row.agent]["pass_at_k_seconds"]
+        log(f"{row.agent}: {shown} ({settings.pass_k_samples} samples per held-out prompt, {seconds:.1f}s)")
+
+    pass_rates(sft_policy, rows[0])
 
     points: list[dict[str, Any]] = []
     if "best-of-k" in selected:
@@ -370,6 +404,7 @@ def _run_seed(
             f"win-rate {_mean(row, 'win_rate'):.2f} ({wall:.0f}s"
             + (f", {row.sampled_tokens:,.0f} sampled tokens)" if row.sampled_tokens else ")")
         )
+        pass_rates(agent, row)
 
     for name in selected:
         if name in ("sft", "best-of-k"):
@@ -431,7 +466,7 @@ def _best_of_k_summary(runs: list[SeedRun], resampler: Resampler) -> list[dict[s
 
 def _curves_summary(runs: list[SeedRun], resamples: int, seed: int) -> dict[str, list[dict[str, Any]]]:
     """Every training curve averaged over seeds point by point (the k-th point of every seed is the one
-    after the same fraction of the budget), with intervals of the gold, proxy and KL."""
+    after the same fraction of the budget), with intervals of the gold, proxy, KL and response length."""
     curves: dict[str, list[dict[str, Any]]] = {}
     for name, record in runs[0].records.items():
         if not record.get("curve"):
@@ -448,7 +483,7 @@ def _curves_summary(runs: list[SeedRun], resamples: int, seed: int) -> dict[str,
                 "update": float(np.mean([curve[j]["update"] for curve in per_seed])),
                 "sampled_tokens": float(np.mean([curve[j]["sampled_tokens"] for curve in per_seed])),
             }
-            for metric in ("gold", "proxy", "kl"):
+            for metric in CURVE_METRICS:
                 estimate = resampler.estimate(
                     np.stack([curve[j]["per_prompt"][metric] for curve in per_seed])
                 )

@@ -26,7 +26,7 @@ import numpy as np
 from rlhf_bench.leaderboard.artifacts import Artifacts
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 from rlhf_bench.leaderboard.tasks import register_task
-from rlhf_bench.leaderboard.verifiable import build_verifiable_artifacts
+from rlhf_bench.leaderboard.verifiable import build_verifiable_artifacts, rlvr_settings
 
 __all__ = ["SORTING_VERSION", "SortingTask", "build_sorting_artifacts", "check", "solve"]
 
@@ -110,6 +110,7 @@ def check(prompt: str, response: str) -> float:
 
 @register_task(
     "sorting",
+    settings=rlvr_settings,
     description="sort 3-6 letters ('sort d b c b :' -> 'b b c d'), scored by a checker that is both the "
     "reward and the gold (verifiable, no proxy gap)",
     version=SORTING_VERSION,

@@ -17,15 +17,27 @@ Intervals are percentile intervals (Efron and Tibshirani 1993, chapter 13) of ``
 drawn from a seeded generator. Every row of a leaderboard is resampled with the *same* indices
 (:class:`Resampler`), so differences between rows are paired by (seed, prompt): "not significantly
 different from the best" means that the 95% interval of the paired difference of means contains 0.
+
+On a verifiable task the per-prompt value can also be :func:`pass_at_k`, the unbiased estimate from ``n``
+samples of that prompt of the chance that one of ``k`` samples is correct (Chen et al. 2021); it is resampled
+like every other per-prompt value.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Estimate", "Resampler", "paired_difference", "per_prompt_means", "percentile_interval"]
+__all__ = [
+    "Estimate",
+    "Resampler",
+    "paired_difference",
+    "pass_at_k",
+    "per_prompt_means",
+    "percentile_interval",
+]
 
 LEVEL = 0.95
 """Confidence level of every interval of the leaderboard."""
@@ -164,3 +176,56 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resampler: Resampler) -> Est
     if a.shape != b.shape:
         raise ValueError(f"paired rows need the same shape, got {a.shape} and {b.shape}")
     return resampler.estimate(a - b)
+
+
+def _counts(name: str, values: np.ndarray | int) -> np.ndarray:
+    """``values`` as an int64 array, refusing negative or fractional counts."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu" and not (
+        array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array))
+    ):
+        raise ValueError(f"{name} must be whole numbers of samples, got {values!r}")
+    array = array.astype(np.int64)
+    if np.any(array < 0):
+        raise ValueError(f"{name} must be >= 0, got {values!r}")
+    return array
+
+
+def pass_at_k(n: np.ndarray | int, c: np.ndarray | int, k: int) -> np.ndarray | float:
+    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct, per prompt.
+
+    pass@k is the chance that at least one of ``k`` samples of a prompt is correct. Sampling exactly ``k``
+    per prompt estimates it with a high variance, and ``1 - (1 - c/n)^k`` from ``n > k`` samples is biased
+    low (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", section 2.1); the unbiased
+    estimator counts the ``k``-subsets of the ``n`` samples without a correct one::
+
+        pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n-c+1}^{n} (1 - k / i)
+
+    computed as the product (the binomial coefficients overflow a float for a few hundred samples), and
+    exactly 1 when ``n - c < k`` (every ``k``-subset holds a correct sample). ``pass@1 = c / n``.
+
+    Args:
+        n: samples of each prompt (an int or an array of them).
+        c: correct samples of each prompt, broadcast against ``n``.
+        k: the number of tries, ``1 <= k <= n``.
+
+    Returns:
+        The estimate for every prompt, shape ``broadcast(n, c)`` (a float for scalar ``n`` and ``c``).
+
+    Raises:
+        ValueError: when ``k < 1``, ``k > n`` (fewer samples than tries estimate nothing), ``c > n``, or a
+            count is negative or fractional.
+    """
+    k = operator.index(k)
+    n, c = np.broadcast_arrays(_counts("n", n), _counts("c", c))
+    if k < 1:
+        raise ValueError(f"pass@k needs k >= 1, got k={k}")
+    if np.any(k > n):
+        raise ValueError(f"pass@{k} needs at least k={k} samples per prompt, got n={n.min()}")
+    if np.any(c > n):
+        raise ValueError(f"more correct samples than samples: c={c.max()} > n={n[c > n].min()}")
+    i = np.arange(1, int(n.max()) + 1 if n.size else 1)  # (I,)
+    inside = (i > (n - c)[..., None]) & (i <= n[..., None])  # (..., I): the factors of the product
+    factors = np.where(inside, 1.0 - k / i, 1.0)  # every factor is > 0 where n - c >= k
+    value = np.where(n - c < k, 1.0, 1.0 - factors.prod(axis=-1))
+    return float(value) if value.ndim == 0 else value

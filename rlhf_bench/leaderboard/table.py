@@ -4,6 +4,7 @@ says what the intervals cover (shared by the terminal, Markdown and HTML reports
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,9 +13,12 @@ __all__ = [
     "CSV_FIELDS",
     "agent_label",
     "caption",
+    "columns",
+    "csv_fields",
     "format_table",
     "format_value",
     "interval_cell",
+    "pass_at_k_ks",
     "ranked",
 ]
 
@@ -78,9 +82,47 @@ CSV_FIELDS = (
     "wall_time_s",
     "train_tokens_per_s",
     "tokens_per_s",
+    "response_length",
     "seeds",
     "note",
 )
+
+
+def pass_at_k_ks(rows: Sequence[dict[str, Any]]) -> list[int]:
+    """The k of the pass@k the rows carry (their ``pass_at_{k}`` keys), ascending; none off a verifiable
+    task."""
+    keys = (
+        re.fullmatch(r"pass_at_(\d+)", key) for row in rows for key, value in row.items() if value is not None
+    )
+    return sorted({int(match.group(1)) for match in keys if match})
+
+
+def columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, Callable[[dict[str, Any]], str]], ...]:
+    """The columns of these rows: :data:`COLUMNS`, and on a verifiable task pass@1, its paired difference to
+    the SFT policy's and pass@k at the largest k measured (16 by default) after the win-rate (the whole curve
+    is in ``leaderboard.json`` and the CSV)."""
+    ks = pass_at_k_ks(rows)
+    if not ks:
+        return COLUMNS
+    shown = tuple(
+        (f"pass_at_{k}", f"pass@{k}", interval_cell(f"pass_at_{k}", 3))
+        for k in dict.fromkeys((ks[0], ks[-1]))
+    )
+    if ks[0] == 1 and any(row.get("pass_at_1_vs_sft") is not None for row in rows):
+        shown = (
+            *shown[:1],
+            ("pass_at_1_vs_sft", "pass@1 - SFT", interval_cell("pass_at_1_vs_sft", 3)),
+            *shown[1:],
+        )
+    at = [key for key, _, _ in COLUMNS].index("win_rate") + 1
+    return COLUMNS[:at] + shown + COLUMNS[at:]
+
+
+def csv_fields(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """:data:`CSV_FIELDS`, and every ``pass_at_{k}`` with its interval when the rows carry pass@k."""
+    ks = pass_at_k_ks(rows)
+    paired = ("pass_at_1_vs_sft", "pass_at_1_vs_sft_low", "pass_at_1_vs_sft_high") if 1 in ks else ()
+    return CSV_FIELDS + tuple(f"pass_at_{k}{suffix}" for k in ks for suffix in ("", "_low", "_high")) + paired
 
 
 def format_value(value: Any, pattern: str) -> str:
@@ -91,8 +133,9 @@ def format_value(value: Any, pattern: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]], *, markdown: bool = False) -> str:
     """The leaderboard as aligned text (or a Markdown table), in the order given (see :func:`ranked`)."""
-    header = [title for _, title, _ in COLUMNS]
-    body = [[cell(row) for _, _, cell in COLUMNS] for row in rows]
+    shown = columns(rows)
+    header = [title for _, title, _ in shown]
+    body = [[cell(row) for _, _, cell in shown] for row in rows]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -124,8 +167,24 @@ def caption(result: Any) -> str:
         "time without the evaluations, sampled tokens per second of it, and the generation throughput of the "
         "evaluation."
     )
+    passes = getattr(result, "pass_at_k", None)
+    if passes:
+        text += (
+            f" pass@k: the chance that at least one of k samples is correct (the checker scores it 1), the "
+            f"unbiased estimate (Chen et al. 2021) from {passes['samples']} samples on each held-out prompt, "
+            "with the same intervals; pass@1 is the share of correct samples (best-of-k rows: none); "
+            "pass@1 - SFT: its difference to the SFT policy's, paired by seed and prompt (above 0 when the "
+            "interval excludes 0: RL raised the share of correct answers)."
+        )
     if n_seeds > 1:
         text += f" {stats.get('shared', '').capitalize()}."
+    changed = getattr(result, "task_settings", None)
+    if changed:
+        text += (
+            " The task's own settings: "
+            + ", ".join(f"{key} {value['task']} (preset {value['preset']})" for key, value in changed.items())
+            + "."
+        )
     return text
 
 

@@ -272,7 +272,14 @@ def test_quick_pipeline_end_to_end_on_a_reduced_setting(tmp_path, custom_entry):
     assert f"reach {settings.token_budget:,} sampled response tokens" in markdown
     assert "95% intervals, percentile bootstrap over the 16 held-out prompts (500 resamples" in markdown
     assert "## `" in (out / "samples.md").read_text()
-    plots = ("overoptimization.png", "efficiency.png", "training.png", "reward_models.png")
+    plots = (
+        "overoptimization.png",
+        "efficiency.png",
+        "training.png",
+        "reward_models.png",
+        "response_length.png",
+    )
+    assert "pass@1" not in markdown and not payload["pass_at_k"] and not (out / "pass_at_k.png").exists()
     for plot in plots:
         assert (out / plot).read_bytes()[:8] == PNG
     check_report_html(out / "report.html", [out / plot for plot in plots], names)

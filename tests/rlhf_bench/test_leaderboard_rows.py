@@ -186,3 +186,34 @@ def test_html_report_escapes_text_and_embeds_plots(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;x&lt;/script&gt;" in page and "review &lt;b&gt;" in page
     assert page.count('<img src="data:image/png;base64,') == 1
     assert "sft (best)" in page and "1.500 [" in page
+
+
+def test_settings_validate_the_update_shape():
+    assert BenchmarkSettings.quick().update_epochs == 4 and BenchmarkSettings.quick().minibatches == 4
+    for bad in (dict(update_epochs=0), dict(minibatches=0), dict(minibatches=3)):  # 3 does not divide 64
+        with pytest.raises(ValueError, match="minibatches must divide ppo_episodes"):
+            BenchmarkSettings.quick(**bad)
+
+
+def test_pass_at_1_is_paired_with_the_sft_policys_by_prompt():
+    """pass@1 - SFT is the mean of per-prompt differences with a paired interval: a row that is better on
+    every prompt by 0.25 has the interval [0.25, 0.25], although its own and SFT's intervals overlap."""
+    sft_pass = np.array([0.0, 0.25, 0.5, 0.75])
+    rows = []
+    for name, passes in (("sft", sft_pass), ("rl", sft_pass + 0.25), ("same", sft_pass)):
+        row = SeedRow(name, {m: np.zeros(4) for m in ("gold", "proxy", "kl", "win_rate")})
+        row.pass_at_k = {1: passes, 2: np.minimum(1.0, 2 * passes)}
+        rows.append(row)
+    summary = {
+        row.agent: row.as_dict() for row in summarise([rows], Resampler.draw(1, 4, resamples=200, seed=0))
+    }
+    assert summary["rl"]["pass_at_1_vs_sft"] == pytest.approx(0.25)
+    assert summary["rl"]["pass_at_1_vs_sft_low"] == pytest.approx(0.25)
+    assert summary["rl"]["pass_at_1_vs_sft_high"] == pytest.approx(0.25)
+    assert summary["rl"]["pass_at_1_low"] < summary["sft"]["pass_at_1_high"]  # unpaired intervals overlap
+    assert summary["same"]["pass_at_1_vs_sft"] == 0.0 and summary["sft"]["pass_at_1_vs_sft"] == 0.0
+    from rlhf_bench.leaderboard.table import columns, csv_fields
+
+    titles = [title for _, title, _ in columns(list(summary.values()))]
+    assert titles[titles.index("pass@1") + 1] == "pass@1 - SFT"
+    assert "pass_at_1_vs_sft_high" in csv_fields(list(summary.values()))

@@ -1,5 +1,9 @@
 """The leaderboard's statistics against hand-computable cases: degenerate samples, two-point samples whose
-bootstrap distribution is known exactly, pairing, NaN handling and the coverage of a known mean."""
+bootstrap distribution is known exactly, pairing, NaN handling, the coverage of a known mean, and the
+unbiased pass@k estimator against exact binomial coefficients."""
+
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ from rlhf_bench.leaderboard.stats import (
     Estimate,
     Resampler,
     paired_difference,
+    pass_at_k,
     per_prompt_means,
     percentile_interval,
 )
@@ -107,3 +112,58 @@ def test_nan_values_give_an_undefined_interval_and_bad_input_raises():
     with pytest.raises(ValueError, match="level"):
         percentile_interval(np.zeros(3), level=1.5)
     assert percentile_interval(np.arange(101.0)) == pytest.approx((2.5, 97.5))
+
+
+# ------------------------------------------------------------------------------------------ pass@k
+def test_pass_at_k_by_hand():
+    # n=4 samples, c=1 correct, k=2: 3 of the C(4, 2) = 6 pairs of samples hold the correct one.
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    # The plug-in 1 - (1 - c/n)^k says 0.4375: it draws the k samples with replacement, biased low.
+    assert pass_at_k(4, 1, 2) > 1 - (1 - 1 / 4) ** 2
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 0, 4) == 0.0  # nothing correct, at any k
+    assert pass_at_k(4, 3, 2) == 1.0  # n - c = 1 < k: every pair holds a correct sample
+    assert pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(5, 2, 1) == pytest.approx(2 / 5)  # pass@1 is the share of correct samples
+    assert pass_at_k(5, 1, 3) == pytest.approx(1 - 4 / 10)  # 1 - C(4, 3) / C(5, 3)
+    assert pass_at_k(16, 1, 16) == 1.0  # k = n: whether any sample is correct
+    assert isinstance(pass_at_k(4, 1, 2), float)
+
+
+def test_pass_at_k_matches_the_binomial_coefficients_and_is_vectorised_over_prompts():
+    n = np.array([n for n in range(1, 13) for c in range(n + 1)])
+    c = np.array([c for n in range(1, 13) for c in range(n + 1)])
+    for k in range(1, 13):
+        keep = n >= k
+        exact = [1 - math.comb(int(a - b), k) / math.comb(int(a), k) for a, b in zip(n[keep], c[keep])]
+        np.testing.assert_allclose(pass_at_k(n[keep], c[keep], k), exact, rtol=0, atol=1e-12)
+    # Monotone in k for every prompt, from c/n at k=1 to 1 (any correct) or 0 (none) at k=n.
+    curve = np.stack([pass_at_k(16, np.arange(17), k) for k in (1, 2, 4, 8, 16)])  # (K, P)
+    assert np.all(np.diff(curve, axis=0) >= 0)
+    np.testing.assert_allclose(curve[0], np.arange(17) / 16)
+    np.testing.assert_array_equal(curve[-1], np.arange(17) > 0)
+    assert pass_at_k(16, np.array([[0, 4], [8, 16]]), 4).shape == (2, 2)
+
+
+def test_pass_at_k_is_stable_where_the_binomial_coefficients_overflow_a_float():
+    # C(2000, 1000) is about 2e600: the ratio of floats is inf / inf; the product form stays exact.
+    with pytest.raises(OverflowError):
+        float(math.comb(2000, 1000))
+    exact = 1 - Fraction(math.comb(1997, 1000), math.comb(2000, 1000))
+    assert pass_at_k(2000, 3, 1000) == pytest.approx(float(exact), rel=1e-12)
+    assert pass_at_k(1000, 1, 500) == pytest.approx(0.5, rel=1e-12)  # 1 - C(999, 500) / C(1000, 500)
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "message"),
+    [
+        (4, 1, 5, r"pass@5 needs at least k=5 samples per prompt, got n=4"),
+        (np.array([8, 4]), np.array([1, 1]), 8, r"at least k=8 samples per prompt, got n=4"),
+        (4, 5, 2, r"more correct samples than samples: c=5 > n=4"),
+        (4, 1, 0, r"k >= 1"),
+        (4, -1, 1, r"c must be >= 0"),
+        (4, 1.5, 1, r"c must be whole numbers"),
+    ],
+)
+def test_pass_at_k_refuses_impossible_counts(n, c, k, message):
+    with pytest.raises(ValueError, match=message):
+        pass_at_k(n, c, k)

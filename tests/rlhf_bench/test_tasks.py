@@ -304,3 +304,39 @@ def test_a_user_registered_task_runs_in_the_benchmark(rhymes, tmp_path):
     assert [row.agent for row in result.rows] == ["sft", "grpo", "dpo"]
     assert all(0.0 <= row.gold <= 1.0 and row.gold == row.proxy for row in result.rows)
     assert (tmp_path / "cache" / "benchmark").iterdir().__next__().name.startswith("rhymes-")
+
+
+def test_a_task_brings_its_own_settings_and_they_are_recorded():
+    from rlhf_bench.leaderboard.tasks import task_settings
+
+    quick = BenchmarkSettings.quick()
+    tuned, changed = task_settings("sorting", quick)
+    assert (tuned.update_epochs, tuned.minibatches) == (1, 1)
+    assert tuned.token_budget == 5 * quick.token_budget and tuned.train_prompts == 8 * quick.train_prompts
+    assert changed["update_epochs"] == {"preset": 4, "task": 1}
+    assert set(changed) == {"update_epochs", "minibatches", "ppo_lr", "token_budget", "train_prompts"}
+    assert tuned.artifact_key() == quick.artifact_key()  # the cached SFT policy is the preset's
+    assert task_settings("reviews", quick) == (quick, {})
+    # Relative to the preset: the full run keeps its larger budget, times five.
+    assert task_settings("sorting", BenchmarkSettings.full())[0].token_budget == 5 * 36_000
+
+
+def test_task_settings_may_not_touch_the_artifacts():
+    import dataclasses
+
+    from rlhf_bench.leaderboard.tasks import task_settings
+
+    try:
+        register_task("bad-settings", settings=lambda s: dataclasses.replace(s, sft_pairs=10))(
+            lambda s, **o: None
+        )
+        with pytest.raises(ValueError, match=r"artifact fields \['sft_pairs'\]"):
+            task_settings("bad-settings", BenchmarkSettings.quick())
+        register_task("odd-settings", settings=lambda s: {"token_budget": 1})(lambda s, **o: None)
+        with pytest.raises(TypeError, match="must return BenchmarkSettings"):
+            task_settings("odd-settings", BenchmarkSettings.quick())
+        with pytest.raises(TypeError, match="settings must be a function"):
+            register_task("not-callable", settings={"token_budget": 1})
+    finally:
+        for name in ("bad-settings", "odd-settings"):
+            _REGISTRY.pop(name, None)
