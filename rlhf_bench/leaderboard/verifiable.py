@@ -102,14 +102,16 @@ def rlvr_settings(settings: BenchmarkSettings) -> BenchmarkSettings:
     one pass of one minibatch per rollout (an on-policy step), three times the learning rate, five times the
     token budget and eight times the training prompts.
 
-    Why, measured on sorting (the README's "Why RL did not learn sorting" has the measurements): its answers are 5 tokens, so the
-    preset's four passes of four minibatches of 16 episodes make 16 Adam steps per 64-episode rollout, each on
+    Why, measured on sorting (the README's "Why RL did not learn sorting" has the measurements): its answers
+    are 5 tokens, so the preset's four passes of four minibatches of 16 episodes make 16 Adam steps per 64-episode rollout, each on
     two prompts' groups, and the steps mostly follow that noise: GRPO's KL rose from 0.29 to 0.44 in 100
     updates while the held-out score crept from 0.82 to 0.85, and at 3e-4 the same shape fell below the SFT
     policy. With one step per rollout at 3e-4 the held-out pass@1 climbs (GRPO 0.56 -> 0.67-0.70 in 100
-    updates, KL 0.26-0.30). Five times the budget (about 170 updates) is what the quick run can afford now
-    that each update is one step; eight times the prompts keeps PPO from memorising the 512 of the preset
-    (training score 0.87, held-out 0.80, after 40 of its updates)."""
+    updates, KL 0.26-0.30). Two passes were measured too, on three seeds: pass@1 - SFT pooled GRPO +0.055,
+    RLOO +0.066, PPO +0.063 against one pass's +0.105, +0.106 and +0.060, at a higher KL (0.54-0.70 against
+    0.37-0.48). Five times the budget (about 170 updates) is what the quick run can afford with one step per
+    update; eight times the prompts keeps PPO
+    from memorising the 512 of the preset (training score 0.87, held-out 0.80, after 40 of its updates)."""
     return dataclasses.replace(
         settings,
         update_epochs=1,
