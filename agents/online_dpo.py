@@ -56,6 +56,7 @@ from llm_env.distributed import (
     is_main_process,
     rank_seed,
     shard_prompts,
+    stand_in,
 )
 from llm_env.training import make_scheduler, trainable_parameters
 
@@ -290,9 +291,8 @@ class OnlineDPOAgent(PreferencePolicy):
             for dealt in deal_minibatches(
                 counts, config.minibatch_size, epochs=config.epochs, generator=generator
             ):
-                rows, weight = dealt.rows, 1.0  # this rank's pairs of the minibatch
-                if len(rows) == 0:
-                    rows, weight = torch.zeros(1, dtype=torch.long), 0.0
+                rows, placeholder = stand_in(dealt.rows)  # this rank's pairs of the minibatch
+                weight = 0.0 if placeholder else 1.0
                 sub = batch.select(torch.cat([rows, rows + held]))  # chosen rows, then their rejected rows
                 loss, loss_stats = preference_loss(
                     self.policy,

@@ -84,6 +84,7 @@ from llm_env.distributed import (
     is_main_process,
     rank_seed,
     shard_prompts,
+    stand_in,
     world_size,
 )
 from llm_env.kl import UNBIASED_KL_ESTIMATOR, check_kl_coef, check_kl_estimator, warn_kl_gradient_bias
@@ -571,9 +572,7 @@ class PGAgent:
             micro_batches = dealt.micro_batches(micro)
             for i, index in enumerate(micro_batches):
                 # A rank left without episodes of this minibatch runs a pass on a row that carries no loss.
-                placeholder = len(index) == 0
-                if placeholder:
-                    index = torch.zeros(1, dtype=torch.long, device=self.device)
+                index, placeholder = stand_in(index)
                 sub = batch.select(index)
                 steps = sub.response_mask.shape[1]
                 sub_mask = torch.zeros_like(mask[index, :steps]) if placeholder else mask[index, :steps]

@@ -71,6 +71,7 @@ from llm_env.distributed import (
     is_main_process,
     rank_seed,
     shard_prompts,
+    stand_in,
     world_size,
 )
 from llm_env.kl import check_kl_coef
@@ -443,9 +444,7 @@ class PPOAgent:
             micro_batches = dealt.micro_batches(micro)
             for i, index in enumerate(micro_batches):
                 # A rank left without episodes of this minibatch runs a pass on a row that carries no loss.
-                placeholder = len(index) == 0
-                if placeholder:
-                    index = torch.zeros(1, dtype=torch.long, device=self.device)
+                index, placeholder = stand_in(index)
                 sub = batch.select(index)
                 steps = sub.response_mask.shape[1]
                 ptx = self._ptx_batch(optimizer_step) if self._ptx is not None else None

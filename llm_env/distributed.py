@@ -81,6 +81,7 @@ __all__ = [
     "rank_seed",
     "shard_prompts",
     "shutdown_distributed",
+    "stand_in",
     "unwrap_parallel",
     "world_size",
 ]
@@ -240,6 +241,15 @@ class Minibatch:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         steps = max(1, *(-(-count // max_rows) for count in self.counts))
         return [self.rows[i * max_rows : (i + 1) * max_rows] for i in range(steps)]
+
+
+def stand_in(rows: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``rows`` (this rank's part of a minibatch or micro-batch) and False; or, when the rank holds none of
+    it, one row (index 0) to run the pass on and True: every forward and backward pass is a collective, so the
+    rank still runs one, and the caller must make that row's loss count for nothing."""
+    if len(rows):
+        return rows, False
+    return torch.zeros(1, dtype=torch.long, device=rows.device), True
 
 
 def deal_minibatches(

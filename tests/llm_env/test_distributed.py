@@ -122,3 +122,12 @@ def test_a_launcher_environment_starts_a_gloo_group_and_ddp_wraps(one_rank_group
         D.data_parallel(nn.Linear(1, 1), strategy="zero3")
     D.shutdown_distributed()
     assert not D.is_distributed()
+
+
+def test_a_rank_without_rows_gets_one_stand_in_row():
+    from llm_env.distributed import stand_in
+
+    rows, placeholder = stand_in(torch.tensor([3, 1]))
+    assert rows.tolist() == [3, 1] and not placeholder
+    rows, placeholder = stand_in(torch.tensor([], dtype=torch.long))
+    assert rows.tolist() == [0] and rows.dtype == torch.long and placeholder
