@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -112,6 +112,15 @@ class EnvConfig:
     """dtype for models loaded from a path (``"bfloat16"`` on GPUs); ``None`` keeps the checkpoint's."""
     trust_remote_code: bool = False
     """Allow custom modelling code from model repositories. Off unless you trust the repository."""
+    responder: Callable[..., Any] | None = None
+    """Multi-turn episodes: called when the agent ends a turn (emits a stop token) with the
+    :class:`llm_env.multiturn.Conversation` so far; returns a :class:`llm_env.multiturn.Reply` (or its text,
+    or ``None`` to end the episode). The reply's tokens join the context (``max_new_tokens`` then bounds
+    everything after the prompt: the agent's tokens and the replies) and observations gain ``agent_mask``.
+    See :mod:`llm_env.multiturn`. ``None``: one prompt, one response."""
+    max_turns: int | None = None
+    """With a responder, the most turns of the agent in an episode: the episode is truncated after the
+    responder has answered (and paid for) the last one. ``None``: only ``max_new_tokens`` limits it."""
     cuda_graphs: bool = False
     """Replay the reference's decode step (and a fused policy's) as a CUDA graph: one launch per step
     instead of hundreds, for small models whose eager decode is bound by kernel launches. CUDA only;
@@ -141,5 +150,14 @@ class EnvConfig:
             raise ValueError(f"missing_eos_penalty must be finite, got {self.missing_eos_penalty!r}")
         if not isinstance(self.reward_batch_size, int) or self.reward_batch_size < 1:
             raise ValueError(f"reward_batch_size must be a positive integer, got {self.reward_batch_size!r}")
+        if self.responder is not None and not callable(self.responder):
+            raise TypeError(
+                f"responder must be callable (conversation -> reply), got {type(self.responder).__name__}"
+            )
+        if self.max_turns is not None:
+            if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
+                raise ValueError(f"max_turns must be a positive integer or None, got {self.max_turns!r}")
+            if self.responder is None:
+                raise ValueError("max_turns needs a responder (without one every episode has a single turn)")
         if self.tokenizer is None and not isinstance(self.reference, (str, os.PathLike)):
             raise ValueError("pass tokenizer=... (it can only be inferred when reference is a path)")

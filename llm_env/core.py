@@ -21,6 +21,7 @@ coefficient beta (Stable-Baselines3's ``ent_coef``) optimises exactly the KL-reg
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -43,6 +44,7 @@ from llm_env.models import (
     pad_token_id,
     resolve_device,
 )
+from llm_env.multiturn import AGENT, Conversation, Reply, ReplyRenderer, Transcript, Turn, as_reply
 from llm_env.prompts import load_prompts, tokenize_prompts
 from llm_env.reward import as_reward_function, check_scores
 
@@ -67,10 +69,12 @@ class StepResult:
     """What :meth:`EpisodeBatch.step` returns."""
 
     reward: torch.Tensor  # (B,) float32 on the device
-    terminated: np.ndarray  # (B,) bool: a stop token was emitted
-    truncated: np.ndarray  # (B,) bool: max_new_tokens reached without a stop token
+    terminated: np.ndarray  # (B,) bool: a stop token ended the episode (no reply followed)
+    truncated: np.ndarray  # (B,) bool: the token budget (or a turn limit, a reply that did not fit) ended it
     finished: np.ndarray  # (n,) rows whose episode ended at this step
     completions: dict[str, np.ndarray]  # per finished row (n,): see EpisodeBatch.COMPLETION_FIELDS
+    replies: dict[int, tuple[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    """Multi-turn: row -> (reply text, its token ids) for the rows whose context a reply joined."""
 
 
 def _check_context(
@@ -211,6 +215,22 @@ class EpisodeBatch:
         self.ready = np.zeros(B, dtype=bool)
         self.closed = False
 
+        # Multi-turn episodes (llm_env.multiturn): response_len counts every token after the prompt, the
+        # agent's and the replies'; agent_len the agent's alone (its steps).
+        self.responder = config.responder
+        self.agent_len = np.zeros(B, dtype=np.int64)
+        self.multi_turn = self.responder is not None
+        if self.multi_turn:
+            self.renderer = ReplyRenderer(
+                self.tokenizer,
+                chat=any(isinstance(p, ChatPrompt) for p in self.prompts) or config.chat_template,
+            )
+            self.agent_mask = torch.zeros((B, L + 1), dtype=torch.long, device=self.device)
+            self.host_agent_mask = np.zeros((B, L + 1), dtype=np.int64)
+            self.turn_start = np.zeros(B, dtype=np.int64)  # where each row's current agent turn began
+            self.turns = np.zeros(B, dtype=np.int64)  # agent turns completed
+            self.conversations: list[Conversation | None] = [None] * B
+
     def close(self) -> None:
         """Release the reference decoder and its cache; every later :meth:`reset_rows` or :meth:`step`
         raises (without the reference the KL penalty could no longer be paid)."""
@@ -253,7 +273,15 @@ class EpisodeBatch:
         self._length[rows_t] = host_to_device(lengths, self.device)
         self.kl_sum[rows_t] = 0.0
         self.return_sum[rows_t] = 0.0
+        self.agent_len[rows] = 0
         self.ready[rows] = True
+        if self.multi_turn:
+            self.agent_mask[rows_t] = 0
+            self.host_agent_mask[rows] = 0
+            self.turn_start[rows] = lengths
+            self.turns[rows] = 0
+            for row, index in zip(rows, indices):
+                self.conversations[row] = Conversation(self.prompts[int(index)], int(index))
         if self.lm is not None:
             ids, lens = left_pad(prompt_ids, self.pad_id, self.device)
             logits = self.lm.prefill(rows, ids, lens).logits
@@ -264,11 +292,15 @@ class EpisodeBatch:
             self.ref_logprobs[rows_t] = torch.log_softmax(logits, dim=-1)
 
     def observation(self) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``attention_mask``, (B, L) int64 on the device (fresh tensors)."""
+        """``input_ids`` and ``attention_mask`` (and with a responder ``agent_mask``), (B, L) int64 on the
+        device (fresh tensors)."""
         input_ids = self.tokens[:, : self.max_length].clone()
         attention_mask = (self._columns[None, :] < self._length[:, None]).long()
         if isinstance(self.lm, FusedDecoder):
             self.lm.mark_observation(input_ids)  # the fused policy logits describe this observation
+        if self.multi_turn:
+            agent_mask = self.agent_mask[:, : self.max_length].clone()
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "agent_mask": agent_mask}
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def host_observation(self, row: int) -> dict[str, np.ndarray]:
@@ -276,7 +308,10 @@ class EpisodeBatch:
         length = self.prompt_len[row] + self.response_len[row]
         mask = np.zeros(self.max_length, dtype=np.int64)
         mask[:length] = 1
-        return {"input_ids": self.host_tokens[row, : self.max_length].copy(), "attention_mask": mask}
+        obs = {"input_ids": self.host_tokens[row, : self.max_length].copy(), "attention_mask": mask}
+        if self.multi_turn:
+            obs["agent_mask"] = self.host_agent_mask[row, : self.max_length].copy()
+        return obs
 
     def text(self, row: int) -> tuple[str, str]:
         """(prompt, response so far) of a row as text."""
@@ -363,13 +398,25 @@ class EpisodeBatch:
         reward = torch.where(step_mask, reward, torch.zeros_like(reward))
 
         response_len = self.response_len + stepping
-        truncated = stepping & ~is_stop & (response_len >= self.max_new_tokens)
-        done = is_stop | truncated
+        budget = stepping & ~is_stop & (response_len >= self.max_new_tokens)  # ran out without a stop token
+        terminated, truncated = is_stop, budget
+        turn = _TurnOutcome.none(B)
+        if self.multi_turn:  # the responder answers every turn that ended (it may raise: nothing changed yet)
+            turn = self._answer(
+                np.flatnonzero(stepping & (is_stop | budget)), host_tokens, is_stop, response_len
+            )
+            terminated = is_stop & ~turn.continues & ~turn.cut
+            truncated = budget | turn.cut
+        done = terminated | truncated
         finished = np.flatnonzero(done)
 
         # Score the finished responses before committing anything (the reward source may raise).
         if finished.size:
             prompts, responses = self._texts(finished, host_tokens[finished])
+            if self.multi_turn:
+                responses = [
+                    Transcript(r, turn.conversations[int(row)]) for row, r in zip(finished, responses)
+                ]
             scores = check_scores(self.reward_fn(prompts, responses), len(finished)).to(self.device)
 
         # Commit.
@@ -379,17 +426,24 @@ class EpisodeBatch:
         columns = host_to_device(np.where(stepping, positions, self.max_length), self.device)
         self.tokens[self._rows, columns] = safe
         self.response_len = response_len
+        self.agent_len += stepping
         self._length += step_mask
+        if self.multi_turn:
+            self.host_agent_mask[step_rows, positions[step_rows]] = 1
+            self.agent_mask[self._rows, columns] = 1  # rows that did not step write the scratch column
+            self._commit_replies(turn, positions)
         if kl_t is not None:
             self.kl_sum += torch.where(step_mask, kl_t, torch.zeros_like(kl_t))
         else:
             self.has_logprobs &= ~stepping
+        if turn.replies:
+            reward = reward + host_to_device(turn.rewards, self.device)
         completions: dict[str, np.ndarray] = {}
         if finished.size:
             finished_t = host_to_device(finished, self.device)
             final = scores.clone()
             if self.config.missing_eos_penalty is not None:
-                final -= host_to_device(truncated[finished].astype(np.float32), self.device) * float(
+                final -= host_to_device(budget[finished].astype(np.float32), self.device) * float(
                     self.config.missing_eos_penalty
                 )
             reward = reward.index_add(0, finished_t, final)
@@ -407,14 +461,121 @@ class EpisodeBatch:
                 "score": host_scores,
                 "kl": host_kl,
                 "return": host_return,
-                "length": self.response_len[finished].copy(),
+                "length": self.agent_len[finished].copy(),
                 "eos": is_stop[finished],
                 "prompt_index": self.prompt_index[finished].copy(),
                 "has_kl": self.has_logprobs[finished] & (self.ref_logprobs is not None),
             }
+            if self.multi_turn:
+                conversations = [turn.conversations[int(row)] for row in finished]
+                completions["turns"] = np.array([len(c.agent_turns) for c in conversations], dtype=np.int64)
+                completions["conversation"] = np.empty(len(conversations), dtype=object)
+                completions["conversation"][:] = conversations
         if self.lm is not None:
             # Only the rows that stepped advance; the others (finished, frozen, waiting) keep their cache
             # state, and their rows of ref_logprobs are not read before a reset_rows overwrites them.
-            logits = self.lm.decode(safe, advance=stepping).logits
+            # A row a reply joined takes its token and the reply's in one chunk instead.
+            logits = self.lm.decode(safe, advance=stepping & ~turn.continues).logits
             self.ref_logprobs = torch.log_softmax(logits, dim=-1)
-        return StepResult(reward.float(), is_stop, truncated, finished, completions)
+            if turn.injected:
+                rows = np.fromiter(turn.injected, dtype=np.int64)
+                chunks = [np.concatenate([[host_tokens[r]], turn.injected[int(r)]]) for r in rows]
+                padded, lengths = left_pad(chunks, self.pad_id, self.device)
+                extended = self.lm.extend(rows, padded, lengths).logits
+                self.ref_logprobs[host_to_device(rows, self.device)] = torch.log_softmax(extended, dim=-1)
+        replies = {row: (turn.replies[row].text or "", ids) for row, ids in turn.injected.items()}
+        return StepResult(reward.float(), terminated, truncated, finished, completions, replies)
+
+    # ------------------------------------------------------------------------------------ multi-turn
+    def _with_agent_turn(self, row: int, next_token: int) -> Conversation:
+        """Row ``row``'s conversation with its current turn (up to and including ``next_token``) appended,
+        as a new object (the committed one is untouched; the responder's ``state`` is shared)."""
+        conversation = self.conversations[row]
+        start, end = self.turn_start[row], self.prompt_len[row] + self.response_len[row]
+        ids = np.append(self.host_tokens[row, start:end], next_token)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        turns = [*conversation.turns, Turn(AGENT, text, tuple(int(t) for t in ids))]
+        return dataclasses.replace(conversation, turns=turns)
+
+    def _answer(
+        self, rows: np.ndarray, host_tokens: np.ndarray, is_stop: np.ndarray, response_len: np.ndarray
+    ) -> _TurnOutcome:
+        """Record the turn that ended in each of ``rows`` and ask the responder to answer those ended by a
+        stop token (a turn cut by the budget ends the episode unanswered); decide what happens to each row.
+        Changes nothing, so that a responder that raises leaves the environment as it was."""
+        outcome = _TurnOutcome.none(self.num_envs)
+        limit = self.config.max_turns
+        for row in rows:
+            row = int(row)
+            conversation = self._with_agent_turn(row, host_tokens[row])
+            outcome.conversations[row] = conversation
+            if not is_stop[row]:
+                continue
+            try:
+                reply = as_reply(self.responder(conversation))
+            except Exception as exc:
+                raise RuntimeError(
+                    f"the responder raised {exc!r} on sub-env {row}'s turn {len(conversation.agent_turns)}; "
+                    "the environment is as it was before this step"
+                ) from exc
+            outcome.replies[row] = reply
+            outcome.rewards[row] = reply.reward
+            if reply.text is None:
+                continue  # the responder ends the episode: terminated
+            ids = np.asarray(self.renderer(reply), dtype=np.int64)
+            room = self.max_new_tokens - response_len[row] - 1  # one token must stay for the agent to answer
+            if (limit is not None and len(conversation.agent_turns) >= limit) or len(ids) > room:
+                outcome.cut[row] = True  # the turn limit, or a reply that does not fit: truncated
+            else:
+                outcome.continues[row] = True
+                outcome.injected[row] = ids
+        return outcome
+
+    def _commit_replies(self, turn: _TurnOutcome, positions: np.ndarray) -> None:
+        """Append the replies' tokens after the agent's token in their rows and record the new turns."""
+        for row, conversation in turn.conversations.items():
+            self.conversations[row] = conversation
+        cols, rows, values = [], [], []
+        for row, ids in turn.injected.items():
+            start = positions[row] + 1
+            reply = turn.replies[row]
+            self.conversations[row].turns.append(
+                Turn(reply.role, reply.text or "", tuple(int(t) for t in ids))
+            )
+            self.host_tokens[row, start : start + len(ids)] = ids
+            rows.append(np.full(len(ids), row))
+            cols.append(np.arange(start, start + len(ids)))
+            values.append(ids)
+            self.response_len[row] += len(ids)
+            self.turn_start[row] = start + len(ids)
+        if rows:
+            rows_t = host_to_device(np.concatenate(rows), self.device)
+            self.tokens[rows_t, host_to_device(np.concatenate(cols), self.device)] = host_to_device(
+                np.concatenate(values), self.device
+            )
+            lengths = np.zeros(self.num_envs, dtype=np.int64)
+            for row, ids in turn.injected.items():
+                lengths[row] = len(ids)
+            self._length += host_to_device(lengths, self.device)
+        for row in turn.conversations:
+            self.turns[row] = len(self.conversations[row].agent_turns)
+
+
+@dataclass
+class _TurnOutcome:
+    """What the responder decided at one step (multi-turn episodes), before anything is committed."""
+
+    continues: np.ndarray  # (B,) bool: a reply joined the context, the episode goes on
+    cut: np.ndarray  # (B,) bool: answered, but the turn limit or the reply's length ends the episode
+    rewards: np.ndarray | None = None  # (B,) per-turn rewards, paid on the agent's last token of the turn
+    conversations: dict[int, Conversation] = dataclasses.field(default_factory=dict)  # with the turn added
+    replies: dict[int, Reply] = dataclasses.field(default_factory=dict)
+    injected: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # the reply tokens appended
+
+    @classmethod
+    def none(cls, num_envs: int) -> _TurnOutcome:
+        return cls(
+            np.zeros(num_envs, dtype=bool),
+            np.zeros(num_envs, dtype=bool),
+            np.zeros(num_envs, dtype=np.float32),
+        )

@@ -66,8 +66,11 @@ class _Plan:
 
     def __init__(self) -> None:
         self.prefill_rows: torch.Tensor | None = None  # (n,) rows being (re)filled, or None in decode mode
-        self.write_index: torch.Tensor | None = None  # (B,) slot each row writes in decode mode
-        self.kv_len: int = 0  # number of slots attention reads in decode mode
+        self.extend_rows: torch.Tensor | None = None  # (n,) rows taking a chunk of tokens, or None
+        self.write_index: torch.Tensor | None = (
+            None  # (B,) slot each row writes in decode mode; (n, K) in extend
+        )
+        self.kv_len: int = 0  # number of slots attention reads in decode and extend mode
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -104,6 +107,16 @@ class _SlotLayer(CacheLayerMixin):
             self.keys[plan.prefill_rows, :, :width] = key_states
             self.values[plan.prefill_rows, :, :width] = value_states
             return key_states, value_states
+        if plan.extend_rows is not None:
+            # Extend: K new keys per row at its own slots (pad columns all go to the spare slot); attention
+            # reads these rows' whole windows. Indexing (n, 1) rows and (n, K) slots around the head
+            # dimension addresses (n, K, heads, dim) elements.
+            rows, write = plan.extend_rows[:, None], plan.write_index
+            self.keys[rows, :, write] = key_states.transpose(1, 2)
+            self.values[rows, :, write] = value_states.transpose(1, 2)
+            return self.keys[plan.extend_rows, :, : plan.kv_len], self.values[
+                plan.extend_rows, :, : plan.kv_len
+            ]
         # Decode: one new key per row, written at the row's own slot.
         index = plan.write_index.view(-1, 1, 1, 1)
         self.keys.scatter_(2, index.expand(-1, key_states.shape[1], 1, key_states.shape[3]), key_states)
@@ -164,6 +177,7 @@ class IncrementalLM:
         lm = IncrementalLM(model, batch_size=4, capacity=96)
         out = lm.prefill(rows, left_padded_ids, lengths)   # logits for the first new token of these rows
         out = lm.decode(next_tokens)                       # (B,) -> logits for the following token
+        out = lm.extend(rows, left_padded_chunks, lengths) # a chunk per row (a tool's reply) in one pass
 
     ``decode`` runs every row through the same static-shape forward pass, but only the rows in ``advance``
     (all by default) take the token: a row that does not step this turn (finished and about to be
@@ -301,6 +315,77 @@ class IncrementalLM:
         self.offset[rows_t] = offsets
         self.length[rows_t] = host_to_device(lengths, self.device)
         self._end[np.asarray(rows)] = width
+        return DecodeOutput(
+            logits=out.logits[:, -1].float(),
+            hidden=out.hidden_states[-1][:, -1] if hidden else None,
+        )
+
+    def extend(
+        self,
+        rows: torch.Tensor | np.ndarray,
+        input_ids: torch.Tensor,
+        lengths: np.ndarray,
+        *,
+        hidden: bool = False,
+        forward_kwargs: Mapping[str, Any] | None = None,
+    ) -> DecodeOutput:
+        """Append a chunk of tokens to each of ``rows`` (which hold sequences) in one forward pass.
+
+        What a multi-turn environment needs when a tool, a user or a game answers: the reply's tokens
+        join the row's context after its own tokens, attending to everything before them, without
+        re-encoding the context. Each chunk token ``j`` of row ``i`` gets position ``length_i + j`` and
+        slot ``offset_i + length_i + j``, exactly where :meth:`decode` would have put it one at a time, so
+        the logits equal a full forward pass over the longer sequence.
+
+        Args:
+            rows: (n,) host row indices, each holding a sequence (prefilled before).
+            input_ids: (n, K) token ids, left-padded (each row's chunk ends at column K - 1).
+            lengths: (n,) host array, the number of real tokens per row (>= 1).
+            hidden: also return the last hidden state at the final position.
+            forward_kwargs: extra keyword arguments of this forward pass (e.g. peft's ``adapter_names``).
+
+        Returns the logits of the token after each row's chunk, (n, V).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        n, width = input_ids.shape
+        if len(rows) != n or lengths.shape != (n,) or (lengths < 1).any() or (lengths > width).any():
+            raise ValueError(
+                f"extend needs one row index and one length in [1, {width}] per chunk, got rows {rows.tolist()} "
+                f"and lengths {lengths.tolist()} for {n} chunks"
+            )
+        ends = self._end[rows] + lengths
+        if (ends > self.capacity - 1).any():
+            raise ValueError(
+                f"extending rows {rows[ends > self.capacity - 1].tolist()} by {lengths.tolist()} tokens "
+                f"overflows the cache capacity {self.capacity - 1}"
+            )
+        rows_t = host_to_device(rows, self.device)
+        input_ids = input_ids.to(self.device)
+        pads = host_to_device(width - lengths, self.device)[:, None]  # (n, 1)
+        cols = torch.arange(width, device=self.device)[None, :]
+        real = cols >= pads  # (n, K)
+        length = self.length[rows_t][:, None]
+        write = torch.where(real, self.offset[rows_t][:, None] + length + cols - pads, self.capacity - 1)
+        positions = torch.where(real, length + cols - pads, 0)
+        kv_len = int(ends.max())
+        slots = self._slots[:kv_len]
+        offset = self.offset[rows_t][:, None, None]
+        # (n, K, kv_len): a real query attends to its row's keys at or before itself.
+        allowed = (slots >= offset) & (slots <= write[:, :, None]) & real[:, :, None]
+        distance = write[:, :, None] - slots
+        plan = self.cache.plan
+        plan.extend_rows, plan.write_index, plan.kv_len = rows_t, write, kv_len
+        before = [layer.writes for layer in self.cache.layers]
+        try:
+            out = self._forward(
+                input_ids, allowed[:, None], distance[:, None], positions, hidden, forward_kwargs
+            )
+        finally:
+            plan.extend_rows = None
+        self._check_every_layer_cached(before)
+        self.length[rows_t] += host_to_device(lengths, self.device)
+        self._end[rows] = ends
         return DecodeOutput(
             logits=out.logits[:, -1].float(),
             hidden=out.hidden_states[-1][:, -1] if hidden else None,

@@ -105,13 +105,13 @@ def _check_integer(value: Any, what: str) -> None:
 
 def _spaces(batch: EpisodeBatch) -> tuple[spaces.Discrete, spaces.Dict]:
     length, vocab = batch.max_length, batch.vocab_size
-    observation = spaces.Dict(
-        {
-            "input_ids": spaces.Box(0, vocab - 1, shape=(length,), dtype=np.int64),
-            "attention_mask": spaces.Box(0, 1, shape=(length,), dtype=np.int64),
-        }
-    )
-    return spaces.Discrete(vocab), observation
+    fields = {
+        "input_ids": spaces.Box(0, vocab - 1, shape=(length,), dtype=np.int64),
+        "attention_mask": spaces.Box(0, 1, shape=(length,), dtype=np.int64),
+    }
+    if batch.multi_turn:  # which tokens of the context are the agent's own (the others: prompt and replies)
+        fields["agent_mask"] = spaces.Box(0, 1, shape=(length,), dtype=np.int64)
+    return spaces.Discrete(vocab), spaces.Dict(fields)
 
 
 class _BatchAccessors:
@@ -264,6 +264,9 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
         info: dict[str, Any] = {}
         if result.finished.size:
             info["completion"] = _single_completion(result)
+        if 0 in result.replies:  # a tuple, so that SyncVectorEnv gathers replies of any length
+            text, ids = result.replies[0]
+            info["reply"], info["injected_ids"] = text, tuple(int(t) for t in ids)
         return self.batch.host_observation(0), float(result.reward[0]), terminated, truncated, info
 
     def close(self) -> None:
@@ -290,6 +293,9 @@ def _single_completion(result: StepResult) -> dict[str, Any]:
     }
     if c["has_kl"][0]:
         out["kl"] = float(c["kl"][0])
+    if "turns" in c:
+        out["turns"] = int(c["turns"][0])
+        out["conversation"] = c["conversation"][0]
     return out
 
 
@@ -302,6 +308,8 @@ _COMPLETION_DTYPES = {
     "length": np.int64,
     "eos": np.bool_,
     "prompt_index": np.int64,
+    "turns": np.int64,  # multi-turn only
+    "conversation": object,  # multi-turn only
 }
 
 
@@ -310,6 +318,8 @@ def _vector_completion(result: StepResult, num_envs: int) -> dict[str, Any]:
     rows = result.finished
     info: dict[str, Any] = {}
     for key, dtype in _COMPLETION_DTYPES.items():
+        if key not in result.completions:
+            continue
         array = np.full(num_envs, None, dtype=object) if dtype is object else np.zeros(num_envs, dtype=dtype)
         mask = np.zeros(num_envs, dtype=bool)
         present = rows[result.completions["has_kl"]] if key == "kl" else rows
@@ -320,6 +330,16 @@ def _vector_completion(result: StepResult, num_envs: int) -> dict[str, Any]:
         mask[present] = True
         info[key], info[f"_{key}"] = array, mask
     return info
+
+
+def _vector_replies(result: StepResult, num_envs: int) -> dict[str, np.ndarray]:
+    """``reply`` (texts) and ``injected_ids`` (tuples of token ids) of the sub-envs a reply joined, with
+    masks: the layout SyncVectorEnv gives the single environment's infos."""
+    texts, ids = np.full(num_envs, None, dtype=object), np.full(num_envs, None, dtype=object)
+    mask = np.zeros(num_envs, dtype=bool)
+    for row, (text, tokens) in result.replies.items():
+        texts[row], ids[row], mask[row] = text, tuple(int(t) for t in tokens), True
+    return {"reply": texts, "_reply": mask, "injected_ids": ids, "_injected_ids": mask.copy()}
 
 
 class TextGenVectorEnv(_BatchAccessors, VectorEnv):
@@ -516,6 +536,8 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
             mask = np.zeros(self.num_envs, dtype=bool)
             mask[result.finished] = True
             info["completion"], info["_completion"] = _vector_completion(result, self.num_envs), mask
+        if result.replies:
+            info.update(_vector_replies(result, self.num_envs))
         if resetting.any():
             rows = np.flatnonzero(resetting)
             indices = self._draw(rows)

@@ -161,6 +161,25 @@ class FusedDecoder:
         self.observation = None
         return DecodeOutput(logits=out.logits[n:])
 
+    def extend(self, rows: np.ndarray, input_ids: torch.Tensor, lengths: np.ndarray) -> DecodeOutput:
+        """Append left-padded chunks to ``rows`` in both halves (see :meth:`IncrementalLM.extend`); returns
+        the reference's logits for these rows, (n, V)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        input_ids = input_ids.to(self.device)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        out = self.lm.extend(
+            np.concatenate([rows, rows + self.batch_size]),
+            torch.cat([input_ids, input_ids]),
+            np.concatenate([lengths, lengths]),
+            forward_kwargs=self._forward_kwargs(n),
+        )
+        if self.policy_logits is None:
+            self.policy_logits = out.logits.new_zeros(self.batch_size, out.logits.shape[-1])
+        self.policy_logits[host_to_device(rows, self.device)] = out.logits[:n]
+        self.observation = None
+        return DecodeOutput(logits=out.logits[n:])
+
     def decode(self, tokens: torch.Tensor, *, advance: np.ndarray | None = None) -> DecodeOutput:
         """Append ``tokens`` (B,) to both halves, in the rows ``advance`` (host bool, default all; see
         :meth:`IncrementalLM.decode`); returns the reference's next-token logits, (B, V)."""
