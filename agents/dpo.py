@@ -149,16 +149,24 @@ def pair_batch(
     *,
     pad_id: int,
     device: torch.device | str,
+    chosen_masks: Sequence[Any] | None = None,
+    rejected_masks: Sequence[Any] | None = None,
 ) -> SequenceBatch:
     """N pairs as one :class:`SequenceBatch` of 2N rows: the chosen responses, then the rejected ones, so that
-    one forward pass scores both halves."""
+    one forward pass scores both halves. With masks (conversations, see :meth:`SequenceBatch.build`) only the
+    agent's tokens of each are scored."""
     if not len(prompt_ids) == len(chosen_ids) == len(rejected_ids):
         raise ValueError(
             f"need one chosen and one rejected response per prompt, got {len(prompt_ids)} prompts, "
             f"{len(chosen_ids)} chosen and {len(rejected_ids)} rejected"
         )
     prompts = list(prompt_ids)
-    return SequenceBatch.build(prompts + prompts, [*chosen_ids, *rejected_ids], pad_id=pad_id, device=device)
+    masks = None
+    if chosen_masks is not None or rejected_masks is not None:
+        masks = [*(chosen_masks or [None] * len(prompts)), *(rejected_masks or [None] * len(prompts))]
+    return SequenceBatch.build(
+        prompts + prompts, [*chosen_ids, *rejected_ids], pad_id=pad_id, device=device, agent_masks=masks
+    )
 
 
 @contextlib.contextmanager

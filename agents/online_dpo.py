@@ -252,13 +252,15 @@ class OnlineDPOAgent(PreferencePolicy):
         }
         if not len(decided):
             return None, stats
-        responses = trajectories.response_list()
+        responses, masks = trajectories.conversation_list()  # conversations: only the agent's tokens count
         batch = pair_batch(
             [trajectories.prompt_ids[i] for i in chosen],
             [responses[i] for i in chosen],
             [responses[i] for i in rejected],
             pad_id=self.pad_id,
             device=self.device,
+            chosen_masks=[masks[i] for i in chosen] if trajectories.multi_turn else None,
+            rejected_masks=[masks[i] for i in rejected] if trajectories.multi_turn else None,
         )
         return batch, stats
 
@@ -335,13 +337,15 @@ class OnlineDPOAgent(PreferencePolicy):
 
     def _placeholder_pair(self, trajectories: Trajectories) -> SequenceBatch:
         """Episodes 0 and 1 (one prompt) as a pair, for a rank whose pairs all tie to join the collectives."""
-        responses = trajectories.response_list()
+        responses, masks = trajectories.conversation_list()
         return pair_batch(
             [trajectories.prompt_ids[0]],
             [responses[0]],
             [responses[1]],
             pad_id=self.pad_id,
             device=self.device,
+            chosen_masks=masks[:1] if trajectories.multi_turn else None,
+            rejected_masks=masks[1:2] if trajectories.multi_turn else None,
         )
 
     def _episode_stats(

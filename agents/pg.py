@@ -512,9 +512,7 @@ class PGAgent:
         # Every rank scores as many rows (FSDP2's forward passes are collectives): a smaller share is padded
         # with copies of its first row, which carry no loss, and a rank without episodes keeps one row.
         rows = max(*counts, 1)
-        batch = SequenceBatch.build(
-            trajectories.prompt_ids, trajectories.response_list(), pad_id=self.pad_id, device=self.device
-        )
+        batch = trajectories.sequences(pad_id=self.pad_id, device=self.device)
         valid = torch.arange(rows, device=self.device) < real  # (rows,) the episodes that carry loss
         keep = torch.arange(rows)
         keep[keep >= n] = 0

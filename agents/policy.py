@@ -278,9 +278,12 @@ class TokenSampler:
             # The rows whose observation grew by the token chosen last time take it; restarted rows are
             # prefilled below, and rows the environment did not step (an episode that just ended, a frozen
             # row with autoreset disabled, a row waiting for its first reset) keep their cache in place.
-            grown = obs["attention_mask"].to(self.device).sum(dim=1) == self.lm.length + 1
-            advance = grown & ~host_to_device(restarted, self.device)
-            self._logits = self.lm.decode(self._last, advance=advance).logits
+            lengths = obs["attention_mask"].to(self.device).sum(dim=1)
+            fresh = host_to_device(restarted, self.device)
+            grown = lengths == self.lm.length + 1
+            self._logits = self.lm.decode(self._last, advance=grown & ~fresh).logits
+            if "agent_mask" in obs:  # multi-turn: a reply may have joined the context after our token
+                self._extend_answered(obs, lengths, (lengths > self.lm.length + 1) & ~fresh)
         if restarted.any():
             rows = np.flatnonzero(restarted)
             ids = obs["input_ids"][rows].to(self.device)
@@ -292,6 +295,22 @@ class TokenSampler:
                 self._logits = logits.new_zeros(len(restarted), logits.shape[-1])
             self._logits[host_to_device(rows, self.device)] = logits
         return self._sample()
+
+    def _extend_answered(
+        self, obs: dict[str, torch.Tensor], lengths: torch.Tensor, answered: torch.Tensor
+    ) -> None:
+        """Prefill, in one chunk per row, the token chosen last time and the reply that followed it in the
+        rows ``answered``. Costs one host read of B flags per step, in multi-turn environments only."""
+        rows = np.flatnonzero(answered.cpu().numpy())
+        if rows.size == 0:
+            return
+        rows_t = host_to_device(rows, self.device)
+        starts = self.lm.length[rows_t].cpu().numpy()
+        ends = lengths[rows_t].cpu().numpy()
+        ids = obs["input_ids"][rows_t.to(obs["input_ids"].device)].cpu().numpy()
+        chunks = [row[start:end] for row, start, end in zip(ids, starts, ends)]
+        padded, chunk_lengths = left_pad(chunks, pad_id=0, device=self.device)
+        self._logits[rows_t] = self.lm.extend(rows, padded, chunk_lengths).logits
 
     def _sample(self) -> TokenActions:
         logits = self._logits if self.temperature == 1.0 else self._logits / self.temperature
@@ -368,6 +387,11 @@ class SequenceBatch:
 
     ``positions[n, j]`` is the index of the logit that predicts response token ``j`` of sequence ``n``
     (the position of the token before it), so one forward pass scores every response token.
+
+    In a multi-turn episode the "response" is the whole conversation after the prompt, but only the agent's
+    tokens are scored: ``response_ids`` then holds the agent's tokens alone (aligned with its steps, the
+    per-token rewards and log-probabilities of :class:`~agents.Trajectories`) and ``positions`` points at
+    their logits inside the full context, replies included (``build(..., agent_masks=...)``).
     """
 
     input_ids: torch.Tensor  # (N, S)
@@ -384,32 +408,51 @@ class SequenceBatch:
         *,
         pad_id: int,
         device: torch.device | str,
+        agent_masks: Sequence[Any] | None = None,
     ) -> SequenceBatch:
-        """From per-example prompt ids and response ids (lists, arrays or 1-D tensors)."""
+        """From per-example prompt ids and response ids (lists, arrays or 1-D tensors).
+
+        ``agent_masks`` (multi-turn episodes): per example a boolean mask over its response, True on the
+        agent's tokens; the others (replies) are context only. ``None`` entries, or no masks, mean every
+        response token is the agent's."""
         if len(prompts) != len(responses) or not prompts:
             raise ValueError(
                 f"need as many prompts as responses (>0), got {len(prompts)} and {len(responses)}"
             )
+        if agent_masks is not None and len(agent_masks) != len(responses):
+            raise ValueError(f"need one agent mask per response, got {len(agent_masks)} for {len(responses)}")
         prompts = [torch.as_tensor(np.asarray(p), dtype=torch.long).flatten() for p in prompts]
         responses = [torch.as_tensor(np.asarray(r), dtype=torch.long).flatten() for r in responses]
+        agent = []  # per example, the indices of the agent's tokens in its response
         for i, (p, r) in enumerate(zip(prompts, responses)):
             if p.numel() == 0 or r.numel() == 0:
                 raise ValueError(f"example {i} has an empty {'prompt' if p.numel() == 0 else 'response'}")
+            m = None if agent_masks is None else agent_masks[i]
+            if m is None:
+                agent.append(torch.arange(r.numel()))
+                continue
+            m = torch.as_tensor(np.asarray(m)).flatten().bool()
+            if m.numel() != r.numel() or not m.any():
+                raise ValueError(
+                    f"example {i}: its agent mask must have one entry per response token ({r.numel()}) and "
+                    f"mark at least one, got {m.numel()} entries, {int(m.sum())} marked"
+                )
+            agent.append(torch.nonzero(m).flatten())
         n = len(prompts)
         width = max(p.numel() + r.numel() for p, r in zip(prompts, responses))
-        steps = max(r.numel() for r in responses)
+        steps = max(a.numel() for a in agent)
         input_ids = torch.full((n, width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((n, width), dtype=torch.long)
         positions = torch.zeros((n, steps), dtype=torch.long)
         response_ids = torch.full((n, steps), pad_id, dtype=torch.long)
         response_mask = torch.zeros((n, steps), dtype=torch.bool)
-        for i, (p, r) in enumerate(zip(prompts, responses)):
+        for i, (p, r, a) in enumerate(zip(prompts, responses, agent)):
             total = p.numel() + r.numel()
             input_ids[i, :total] = torch.cat([p, r])
             attention_mask[i, :total] = 1
-            positions[i, : r.numel()] = torch.arange(p.numel() - 1, total - 1)
-            response_ids[i, : r.numel()] = r
-            response_mask[i, : r.numel()] = True
+            positions[i, : a.numel()] = p.numel() - 1 + a
+            response_ids[i, : a.numel()] = r[a]
+            response_mask[i, : a.numel()] = True
         return cls(
             *(t.to(device) for t in (input_ids, attention_mask, positions, response_ids, response_mask))
         )

@@ -391,9 +391,7 @@ class PPOAgent:
                 f"{config.episodes_per_update // world} episodes, got {len(trajectories)}"
             )
         start_time = time.perf_counter()
-        batch = SequenceBatch.build(
-            trajectories.prompt_ids, trajectories.response_list(), pad_id=self.pad_id, device=self.device
-        )
+        batch = trajectories.sequences(pad_id=self.pad_id, device=self.device)
         mask = batch.response_mask
         rewards = trajectories.rewards.to(self.device).float()[:, : mask.shape[1]] * mask
         if config.reward_clip is not None:

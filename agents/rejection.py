@@ -240,7 +240,7 @@ class RejectionSamplingAgent:
         elapsed = time.perf_counter() - start
         local_scores = draws.scores.reshape(len(positions), config.k)
         winners = local_scores.argmax(axis=1)
-        responses = draws.response_list()
+        responses, agent_masks = draws.conversation_list()  # conversations: the agent's tokens are learnt
         local_best = []
         for i, position in enumerate(positions):
             episode = i * config.k + int(winners[i])
@@ -250,6 +250,11 @@ class RejectionSamplingAgent:
                     "prompt": draws.prompts[episode],
                     "response": draws.responses[episode],
                     "response_ids": responses[episode].tolist(),
+                    **(
+                        {"agent_mask": agent_masks[episode].tolist()}
+                        if agent_masks[episode] is not None
+                        else {}
+                    ),
                     "score": float(local_scores[i, winners[i]]),
                     "round": self.round,
                 }
@@ -287,7 +292,10 @@ class RejectionSamplingAgent:
             pooled = np.concatenate([scores[:rows], extra_scores], axis=1)
             kl_measured = best_of_k_kl(pooled, config.k)
         self.pool = [*self.pool, *best] if config.pool == "accumulate" else best
-        examples = [(env.prompt_token_ids(item["prompt_index"]), item["response_ids"]) for item in self.pool]
+        examples = [
+            (env.prompt_token_ids(item["prompt_index"]), item["response_ids"], item.get("agent_mask"))
+            for item in self.pool
+        ]
         sft = dataclasses.replace(config.sft, seed=config.sft.seed + self.round)
         self.policy, sft_metrics = sft_train(self.policy, examples, sft)
         self.policy.eval()

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from gymnasium.vector import AutoresetMode
 from torch.nn.utils.rnn import pad_sequence
 
+from agents.policy import SequenceBatch
 from llm_env import TextGenVectorEnv, TokenActions
 
 __all__ = ["Agent", "LearningAgent", "Trajectories", "collect_episodes"]
@@ -80,6 +81,12 @@ class Trajectories:
     steps: int = 0  # environment steps taken to collect them
     pad_token_id: int = 0  # the value padding response_ids
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. max_new_tokens: the environment's budget
+    # Multi-turn episodes (an environment with a responder), else None: everything after the prompt, the
+    # agent's tokens and the replies, (N, C) right-padded, and True on the agent's tokens (whose k-th is
+    # response_ids[:, k]); a conversation ends with the agent's last token. turns: agent turns per episode.
+    conversation_ids: torch.Tensor | None = None
+    agent_mask: torch.Tensor | None = None
+    turns: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -90,8 +97,43 @@ class Trajectories:
         return int(self.lengths.sum())
 
     def response_list(self) -> list[torch.Tensor]:
-        """Response token ids without padding, one tensor per episode."""
+        """The agent's token ids without padding, one tensor per episode (its actions, in order)."""
         return [row[: int(n)] for row, n in zip(self.response_ids, self.lengths)]
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether the episodes are conversations (replies between the agent's turns)."""
+        return self.agent_mask is not None
+
+    def conversation_list(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Per episode, everything after the prompt and the mask of the agent's tokens in it (None for
+        single-turn episodes, whose response is all the agent's): what a teacher-forced pass conditions on."""
+        if self.agent_mask is None:
+            return self.response_list(), [None] * len(self)
+        ends = self.conversation_lengths()
+        ids = [row[:n] for row, n in zip(self.conversation_ids, ends)]
+        return ids, [row[:n] for row, n in zip(self.agent_mask, ends)]
+
+    def conversation_lengths(self) -> np.ndarray:
+        """(N,) tokens after the prompt (the agent's and the replies'); the response lengths if single-turn."""
+        if self.agent_mask is None:
+            return self.lengths.copy()
+        width = self.agent_mask.shape[1]
+        last = width - 1 - torch.flip(self.agent_mask, dims=[1]).int().argmax(dim=1)  # the last agent token
+        return (last + 1).cpu().numpy()
+
+    def sequences(self, *, pad_id: int, device: torch.device | str) -> SequenceBatch:
+        """The episodes as one :class:`~agents.policy.SequenceBatch` (prompt + everything after it), scoring
+        the agent's tokens only: row ``n``, column ``k`` is the agent's ``k``-th token of episode ``n``, aligned
+        with ``logprobs``, ``rewards`` and ``mask``."""
+        responses, masks = self.conversation_list()
+        return SequenceBatch.build(
+            self.prompt_ids,
+            responses,
+            pad_id=pad_id,
+            device=device,
+            agent_masks=None if not self.multi_turn else masks,
+        )
 
     def select(self, index: Sequence[int] | np.ndarray) -> Trajectories:
         """The episodes ``index`` (in that order), padding trimmed to their longest response; ``steps`` and
@@ -120,7 +162,18 @@ class Trajectories:
             steps=self.steps,
             pad_token_id=self.pad_token_id,
             extras=dict(self.extras),
+            **self._select_conversations(index, rows),
         )
+
+    def _select_conversations(self, index: np.ndarray, rows: torch.Tensor) -> dict[str, Any]:
+        if self.agent_mask is None:
+            return {}
+        width = int(self.conversation_lengths()[index].max())
+        return {
+            "conversation_ids": self.conversation_ids[rows, :width],
+            "agent_mask": self.agent_mask[rows, :width],
+            "turns": self.turns[index],
+        }
 
     @classmethod
     def cat(cls, parts: Sequence[Trajectories]) -> Trajectories:
@@ -150,7 +203,27 @@ class Trajectories:
             steps=sum(part.steps for part in parts),
             pad_token_id=parts[0].pad_token_id,
             extras=dict(parts[0].extras),
+            **_cat_conversations(parts),
         )
+
+
+def _cat_conversations(parts: Sequence[Trajectories]) -> dict[str, Any]:
+    kinds = {part.multi_turn for part in parts}
+    if kinds == {False}:
+        return {}
+    if len(kinds) > 1:
+        raise ValueError("cannot concatenate multi-turn and single-turn Trajectories")
+    width = max(part.conversation_ids.shape[1] for part in parts)
+    pad = parts[0].pad_token_id
+    return {
+        "conversation_ids": torch.cat(
+            [F.pad(p.conversation_ids, (0, width - p.conversation_ids.shape[1]), value=pad) for p in parts]
+        ),
+        "agent_mask": torch.cat(
+            [F.pad(p.agent_mask, (0, width - p.agent_mask.shape[1]), value=False) for p in parts]
+        ),
+        "turns": np.concatenate([part.turns for part in parts]),
+    }
 
 
 def _completion_rows(info: dict[str, Any]) -> np.ndarray:
@@ -206,6 +279,7 @@ def collect_episodes(
     position = np.arange(num_envs, dtype=np.int64)  # start order of each row's current episode
 
     tokens_t, logprobs_t, rewards_t = [], [], []
+    injected: dict[tuple[int, int], tuple[int, ...]] = {}  # (row, step) -> the reply's token ids
     finished: list[tuple[int, int, int, dict[str, Any]]] = []  # (row, first step, last step, completion)
     step = 0
     while len(finished) < num_episodes:
@@ -223,6 +297,9 @@ def collect_episodes(
         )
         rewards_t.append(reward)
         restarted = np.zeros(num_envs, dtype=bool)
+        if "_injected_ids" in info:  # multi-turn: the replies that followed the agent's token of this step
+            for row in np.flatnonzero(info["_injected_ids"] & active):
+                injected[(int(row), step)] = info["injected_ids"][row]
         done_rows = _completion_rows(info)
         completion = info.get("completion", {})
         for row in done_rows:
@@ -257,7 +334,7 @@ def collect_episodes(
             raise RuntimeError("no counted episode is running but episodes are missing")  # defensive
         step += 1
     finished.sort(key=lambda episode: episode[3]["_position"])
-    trajectories = _assemble(env, finished, tokens_t, logprobs_t, rewards_t, step)
+    trajectories = _assemble(env, finished, tokens_t, logprobs_t, rewards_t, step, injected)
     trajectories.extras["max_new_tokens"] = env.config.max_new_tokens
     return trajectories
 
@@ -269,7 +346,34 @@ def _start(rows, first_position, step, active, position, start_step) -> None:
     start_step[rows] = step + 1
 
 
-def _assemble(env, finished, tokens_t, logprobs_t, rewards_t, steps) -> Trajectories:
+def _conversations(env, finished, tokens, injected) -> dict[str, Any]:
+    """Each episode's tokens after its prompt, the agent's interleaved with the replies exactly as the
+    environment appended them, and the mask of the agent's; empty for a single-turn environment."""
+    if "agent_mask" not in env.single_observation_space.spaces:
+        return {}
+    host = tokens.cpu().numpy()  # (S, B), read once per rollout
+    ids, masks = [], []
+    for row, first, last, record in finished:
+        sequence, agent = [], []
+        for step in range(first, last + 1):
+            reply = injected.get((row, step), ())
+            sequence += [int(host[step, row]), *reply]
+            agent += [True] + [False] * len(reply)
+        expected = [t for turn in record["conversation"].turns for t in turn.token_ids]
+        if sequence != expected:  # bookkeeping guard: the environment's own record of the conversation
+            raise RuntimeError("an episode's conversation disagrees with the environment's record")
+        ids.append(torch.tensor(sequence, dtype=torch.long))
+        masks.append(torch.tensor(agent, dtype=torch.bool))
+    return {
+        "conversation_ids": pad_sequence(ids, batch_first=True, padding_value=env.pad_token_id).to(
+            env.device
+        ),
+        "agent_mask": pad_sequence(masks, batch_first=True).to(env.device),
+        "turns": np.array([record["turns"] for *_, record in finished], dtype=np.int64),
+    }
+
+
+def _assemble(env, finished, tokens_t, logprobs_t, rewards_t, steps, injected) -> Trajectories:
     tokens = torch.stack(tokens_t)  # (S, B)
     logprobs = torch.stack(logprobs_t)
     rewards = torch.stack(rewards_t)
@@ -301,4 +405,5 @@ def _assemble(env, finished, tokens_t, logprobs_t, rewards_t, steps) -> Trajecto
         responses=[str(r["response"]) for r in records],
         steps=steps,
         pad_token_id=int(env.pad_token_id),
+        **_conversations(env, finished, tokens, injected),
     )

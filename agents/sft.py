@@ -125,7 +125,7 @@ def sft_loss(model: nn.Module, batch: SequenceBatch) -> torch.Tensor:
 
 def sft_train(
     model: nn.Module,
-    examples: Sequence[tuple[Any, Any]],
+    examples: Sequence[tuple[Any, ...]],
     config: SFTConfig | None = None,
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
@@ -133,7 +133,9 @@ def sft_train(
     """Fine-tune ``model`` on (prompt, response) examples; returns the model and metrics.
 
     Examples are text pairs (then ``tokenizer`` is required) or token-id pairs (lists, arrays, tensors),
-    the form rejection sampling produces. With ``config.lora_rank > 0`` the returned model is a peft model.
+    the form rejection sampling produces. A token-id example may carry a third element, a boolean mask over
+    its response (or None): a conversation, whose replies are context and whose agent tokens alone are
+    learnt (:meth:`agents.policy.SequenceBatch.build`). With ``config.lora_rank > 0`` the returned model is a peft model.
     On N processes every rank calls it with the same examples (see the module docstring); the metrics are
     global.
     """
@@ -141,6 +143,7 @@ def sft_train(
     init_distributed()
     if not examples:
         raise ValueError("no SFT examples")
+    agent_masks = None
     if isinstance(examples[0][0], str):
         if tokenizer is None:
             raise ValueError("text examples need tokenizer=...")
@@ -148,12 +151,15 @@ def sft_train(
             tokenizer, [p for p, _ in examples], [r for _, r in examples], add_eos=config.add_eos
         )
     else:
-        prompt_ids, response_ids = [p for p, _ in examples], [r for _, r in examples]
+        prompt_ids, response_ids = [e[0] for e in examples], [e[1] for e in examples]
+        masks = [e[2] if len(e) > 2 else None for e in examples]
+        if any(m is not None for m in masks):
+            agent_masks = masks
     if config.lora_rank:
         model = add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha)
     device = model_device(model)
     pad = pad_token_id(tokenizer) if tokenizer is not None else 0
-    data = SequenceBatch.build(prompt_ids, response_ids, pad_id=pad, device=device)
+    data = SequenceBatch.build(prompt_ids, response_ids, pad_id=pad, device=device, agent_masks=agent_masks)
     trainer = data_parallel(model, strategy=config.strategy)  # the model itself in one process
     optimizer = make_optimizer(
         trainable_parameters(model),
