@@ -354,13 +354,15 @@ class IncrementalLM:
                 f"extend needs one row index and one length in [1, {width}] per chunk, got rows {rows.tolist()} "
                 f"and lengths {lengths.tolist()} for {n} chunks"
             )
-        ends = self._end[rows] + lengths
+        rows_t = host_to_device(rows, self.device)
+        # The rows' exact ends (the host mirror is only an upper bound after decodes whose ``advance`` was a
+        # device tensor): one read of n numbers, on a step that is rare (a reply joining a conversation).
+        ends = (self.offset[rows_t] + self.length[rows_t]).cpu().numpy() + lengths
         if (ends > self.capacity - 1).any():
             raise ValueError(
                 f"extending rows {rows[ends > self.capacity - 1].tolist()} by {lengths.tolist()} tokens "
                 f"overflows the cache capacity {self.capacity - 1}"
             )
-        rows_t = host_to_device(rows, self.device)
         input_ids = input_ids.to(self.device)
         pads = host_to_device(width - lengths, self.device)[:, None]  # (n, 1)
         cols = torch.arange(width, device=self.device)[None, :]

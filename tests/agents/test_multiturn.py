@@ -43,8 +43,7 @@ def low_words(prompts, responses):
 
 
 def make_env(tok, num_envs=3, reference=None, **kwargs):
-    return llm_env.TextGenVectorEnv(
-        num_envs=num_envs,
+    options = dict(
         prompts=PROMPTS,
         tokenizer=tok,
         reference=reference if reference is not None else tiny_causal_lm("llama", tok, seed=0),
@@ -53,8 +52,8 @@ def make_env(tok, num_envs=3, reference=None, **kwargs):
         stop_token_ids=STOPS,
         responder=responder,
         device="cpu",
-        **kwargs,
     )
+    return llm_env.TextGenVectorEnv(num_envs=num_envs, **{**options, **kwargs})
 
 
 def test_sampler_and_collector_keep_the_exact_tokens(tok):
@@ -203,3 +202,17 @@ def test_online_dpo_and_rejection_sampling_learn_from_conversations(tok):
     assert rs.pool and all("agent_mask" in item for item in rs.pool)
     item = rs.pool[0]
     assert len(item["agent_mask"]) == len(item["response_ids"]) and not all(item["agent_mask"])
+
+
+def test_the_sampler_fills_the_whole_budget_across_many_replies(tok):
+    """Every token ends a turn and every turn is answered, until the replies no longer fit: the sampler's
+    cache follows the context to its last position (its host bound of each row's end must not drift with
+    the replies) and its log-probabilities stay those of a teacher-forced pass."""
+    policy = tiny_causal_lm("llama", tok, seed=1)
+    env = make_env(tok, stop_token_ids=list(range(40)), responder=lambda c: "w21 w22")
+    episodes = collect_episodes(env, TokenSampler(policy, seed=0), 6, seed=0)
+    assert episodes.turns.min() >= 6 and (episodes.conversation_lengths() >= 18).all()
+    batch = episodes.sequences(pad_id=env.pad_token_id, device="cpu")
+    with torch.no_grad():
+        forced = response_forward(policy, batch).logprobs
+    torch.testing.assert_close(forced[episodes.mask], episodes.logprobs[episodes.mask], atol=1e-4, rtol=0)
