@@ -402,7 +402,8 @@ def _assemble(env, finished, tokens_t, logprobs_t, rewards_t, steps, injected) -
         eos=np.array([r["eos"] for r in records], dtype=bool),
         prompt_index=prompt_index,
         prompts=[str(r["prompt"]) for r in records],
-        responses=[str(r["response"]) for r in records],
+        # The texts; a multi-turn episode's is a Transcript, a str that also carries the conversation.
+        responses=[r["response"] if isinstance(r["response"], str) else str(r["response"]) for r in records],
         steps=steps,
         pad_token_id=int(env.pad_token_id),
         **_conversations(env, finished, tokens, injected),

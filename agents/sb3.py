@@ -46,12 +46,13 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
     def __init__(
         self, observation_space: gym.spaces.Dict, model: nn.Module | str | os.PathLike, lora_rank: int = 0
     ):
-        if not isinstance(observation_space, gym.spaces.Dict) or set(observation_space.spaces) != {
-            "input_ids",
-            "attention_mask",
-        }:
+        if not isinstance(observation_space, gym.spaces.Dict) or set(observation_space.spaces) not in (
+            {"input_ids", "attention_mask"},
+            {"input_ids", "attention_mask", "agent_mask"},  # multi-turn: the whole context is read anyway
+        ):
             raise ValueError(
-                "LMFeaturesExtractor needs the TextGenEnv observation space Dict(input_ids, attention_mask)"
+                "LMFeaturesExtractor needs the TextGenEnv observation space Dict(input_ids, attention_mask"
+                "[, agent_mask])"
             )
         lm = load_causal_lm(model)
         super().__init__(observation_space, features_dim=hidden_size(lm))

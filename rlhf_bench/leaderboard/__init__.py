@@ -13,6 +13,7 @@ partly; ``pip install -e ".[tasks]"``). Register your own entry with
 
 from rlhf_bench.leaderboard.artifacts import Artifacts, build_artifacts, default_cache_dir, load_byo_artifacts
 from rlhf_bench.leaderboard.builtin_agents import RandomAgent, SB3Agent  # registers the built-in entries
+from rlhf_bench.leaderboard.guessing import GuessingTask  # registers the built-in multi-turn task
 from rlhf_bench.leaderboard.harness import (
     AgentEntry,
     BenchmarkContext,
@@ -45,6 +46,7 @@ __all__ = [
     "CountingReward",
     "Estimate",
     "EvalResult",
+    "GuessingTask",
     "RandomAgent",
     "ReasoningGymTask",
     "Resampler",

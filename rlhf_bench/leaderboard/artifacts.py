@@ -101,6 +101,15 @@ class Artifacts:
     verifiable: bool = False
     """True when ``reward`` is the gold itself (a checker): the agents optimise exactly what scores them,
     there is no proxy gap and the gold and proxy columns agree."""
+    success_score: float = 1.0
+    """On a verifiable task, the checker score at and above which a response counts as correct (pass@k,
+    success rate): 1 for answers that are right or not, lower for a task whose score also grades how
+    (the guessing game: winning in fewer turns)."""
+    env_options: dict[str, Any] = field(default_factory=dict)
+    """Environment options every environment of the task gets (:meth:`BenchmarkContext.make_env`): a
+    multi-turn task's ``responder`` and ``max_turns``."""
+    unsupported_agents: dict[str, str] = field(default_factory=dict)
+    """Entries the task cannot run, with the reason: the runner skips them and says why."""
 
 
 def sample_texts(
@@ -113,8 +122,10 @@ def sample_texts(
     num_envs: int,
     device: torch.device | str,
     seed: int,
+    env_options: dict[str, Any] | None = None,
 ) -> list[list[str]]:
-    """``k`` sampled responses per prompt, generated through the environment with the policy's KV cache."""
+    """``k`` sampled responses per prompt, generated through the environment with the policy's KV cache
+    (``env_options``: more environment options, e.g. a multi-turn task's responder)."""
     env = TextGenVectorEnv(
         num_envs=num_envs,
         prompts=list(prompts),
@@ -123,6 +134,7 @@ def sample_texts(
         max_new_tokens=max_new_tokens,
         autoreset_mode=AutoresetMode.DISABLED,
         device=device,
+        **(env_options or {}),
     )
     sampler = TokenSampler(policy, generator=torch.Generator(device=device).manual_seed(seed))
     queue = np.repeat(np.arange(len(prompts)), k)

@@ -339,6 +339,7 @@ def iterative_agent(ctx: BenchmarkContext) -> TokenSampler:
         config,
         device=ctx.device,
         max_new_tokens=s.max_new_tokens,
+        **ctx.artifacts.env_options,
     )
     stages = [h[-1] for h in (result.rejection_history, result.ppo_history) if h]  # cumulative counters
     ctx.record(
@@ -374,6 +375,7 @@ def sb3_agent(ctx: BenchmarkContext) -> SB3Agent:
             kl_coef=beta,
             max_new_tokens=s.max_new_tokens,
             device=ctx.device,
+            **ctx.artifacts.env_options,  # a multi-turn task's responder
         ),
         n_envs=4,
         seed=s.seed,

@@ -142,6 +142,7 @@ class EvalResult:
     lengths: np.ndarray
     tokens_per_s: float
     seconds: float
+    turns: np.ndarray | None = None  # the agent's turns per episode on a multi-turn task, else None
 
     def order(self) -> np.ndarray:
         """Episode order sorted by (prompt, sample), to pair two agents' answers to the same prompt."""
@@ -161,6 +162,7 @@ class EvalResult:
             "proxy": self.proxy,
             "kl": self.kl,
             "response_length": self.lengths,
+            "turns": self.turns,
         }[metric]
         if values is None:
             return np.full(self.num_prompts, np.nan)
@@ -280,6 +282,7 @@ class BenchmarkContext:
             max_new_tokens=self.settings.max_new_tokens,
             device=self.device,
         )
+        options.update(self.artifacts.env_options)  # a multi-turn task's responder
         options.update(kwargs)
         return TextGenVectorEnv(
             num_envs=num_envs or self.settings.num_envs, autoreset_mode=autoreset_mode, **options
@@ -339,6 +342,7 @@ class BenchmarkContext:
             lengths=draws.lengths,
             tokens_per_s=float(draws.lengths.sum()) / max(seconds, 1e-9),
             seconds=seconds,
+            turns=draws.turns,
         )
 
 

@@ -58,14 +58,18 @@ def pass_ks(n: int) -> tuple[int, ...]:
     return tuple(2**i for i in range(n.bit_length()))
 
 
-def per_prompt_pass_at_k(result: EvalResult, ks: Sequence[int]) -> dict[int, np.ndarray]:
+def per_prompt_pass_at_k(
+    result: EvalResult, ks: Sequence[int], *, success_score: float = 1.0
+) -> dict[int, np.ndarray]:
     """k -> the unbiased pass@k of every prompt of ``result``, shape ``(num_prompts,)``, counting a response
-    correct when its gold (the checker) scores exactly 1."""
+    correct when its gold (the checker) scores at least ``success_score`` (1: exactly right; a task whose
+    score also grades a correct answer sets its own, :attr:`~rlhf_bench.leaderboard.Artifacts.success_score`)."""
     if result.gold is None:
         raise ValueError("pass@k needs a checker: the result has no gold scores")
     n_prompts = result.num_prompts
     n = np.bincount(result.prompt_index, minlength=n_prompts)
-    c = np.bincount(result.prompt_index, weights=result.gold == 1.0, minlength=n_prompts).astype(np.int64)
+    correct = result.gold >= success_score
+    c = np.bincount(result.prompt_index, weights=correct, minlength=n_prompts).astype(np.int64)
     return {k: pass_at_k(n, c, k) for k in ks}
 
 
@@ -78,11 +82,15 @@ def measure_pass_at_k(ctx: BenchmarkContext, agent: Any, name: str) -> dict[int,
     start = time.perf_counter()
     result = ctx.evaluate(agent, name, samples=n, with_kl=False)
     ctx.record(name, pass_at_k_seconds=time.perf_counter() - start)
-    return per_prompt_pass_at_k(result, ks)
+    return per_prompt_pass_at_k(result, ks, success_score=ctx.artifacts.success_score)
 
 
 def pass_at_k_description(
-    settings: BenchmarkSettings, n_prompts: int, records: dict[str, dict[str, Any]]
+    settings: BenchmarkSettings,
+    n_prompts: int,
+    records: dict[str, dict[str, Any]],
+    *,
+    success_score: float = 1.0,
 ) -> dict[str, Any]:
     """How pass@k was measured, for ``leaderboard.json`` (``pass_at_k``) and the captions; ``seconds``: the
     sampling time of every agent on the first seed."""
@@ -91,7 +99,9 @@ def pass_at_k_description(
         "ks": list(pass_ks(n)),
         "samples": n,
         "prompts": n_prompts,
-        "correct": "the checker scores the response exactly 1",
+        "correct": "the checker scores the response exactly 1"
+        if success_score == 1.0
+        else f"the checker scores the response at least {success_score:g} (the task's success score)",
         "estimator": "unbiased, 1 - C(n - c, k) / C(n, k) per prompt from n samples with c correct (Chen et "
         "al. 2021), averaged over prompts (and seeds)",
         "intervals": "the leaderboard's bootstrap over prompts (and seeds), per k",

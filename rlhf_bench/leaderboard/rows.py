@@ -60,6 +60,8 @@ class SeedRow:
     pass_at_k: dict[int, np.ndarray] = field(default_factory=dict)
     """k -> per-prompt pass@k on a verifiable task, shape ``(prompts,)``; empty on other tasks and for
     best-of-k (:func:`~rlhf_bench.leaderboard.passk.measure_pass_at_k`)."""
+    turns: float = float("nan")
+    """Mean turns of the agent per episode on a multi-turn task; NaN elsewhere."""
 
 
 def seed_row(
@@ -92,6 +94,9 @@ def seed_row(
         tokens_per_s=result.tokens_per_s,
         note=note,
         response_length=float(np.mean(result.lengths)) if len(result.lengths) else float("nan"),
+        turns=float(np.mean(result.turns))
+        if result.turns is not None and len(result.turns)
+        else float("nan"),
     )
 
 
@@ -133,7 +138,10 @@ class Row:
     gap_high: float = float("nan")
     seeds: int = 1
     response_length: float = float("nan")
-    """Mean response length (tokens) at evaluation, over seeds (NaN: not measured)."""
+    """Mean response length (tokens) at evaluation, over seeds (NaN: not measured); on a multi-turn task the
+    agent's tokens per episode (the replies not counted)."""
+    turns: float = float("nan")
+    """Mean turns of the agent per episode on a multi-turn task, over seeds; NaN elsewhere."""
     pass_at_k: dict[int, Estimate] = field(default_factory=dict)
     """k -> pass@k with its interval on a verifiable task (empty otherwise); :meth:`as_dict` writes them as
     ``pass_at_{k}``, ``pass_at_{k}_low`` and ``pass_at_{k}_high``."""
@@ -210,6 +218,7 @@ def summarise(
                 train_tokens_per_s=sampled / wall if sampled and wall > 0 else float("nan"),
                 seeds=len(per_seed),
                 response_length=float(np.mean([c.response_length for c in cells])),
+                turns=float(np.mean([c.turns for c in cells])),
                 pass_at_k=pass_at_k,
                 **fields,
             )
@@ -226,6 +235,18 @@ def summarise(
                 row.extra.update(
                     pass_at_1_vs_sft=diff.mean, pass_at_1_vs_sft_low=diff.low, pass_at_1_vs_sft_high=diff.high
                 )
+    # The ranking metric against the SFT policy's, paired by seed and prompt (``{rank_by}_vs_sft``): whether
+    # training raised it, what a multi-turn task's claims are about.
+    if "sft" in names:
+        for row in out:
+            diff = paired_difference(stacked[row.agent][rank_by], stacked["sft"][rank_by], resampler)
+            row.extra.update(
+                {
+                    f"{rank_by}_vs_sft": diff.mean,
+                    f"{rank_by}_vs_sft_low": diff.low,
+                    f"{rank_by}_vs_sft_high": diff.high,
+                }
+            )
     ranked = [row for row in out if math.isfinite(getattr(row, rank_by))]
     if ranked:
         best = max(ranked, key=lambda row: getattr(row, rank_by))

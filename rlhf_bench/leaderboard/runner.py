@@ -302,7 +302,11 @@ def run_benchmark(
         task=task,
         task_settings=changed,
         verifiable=artifacts.verifiable,
-        pass_at_k=pass_at_k_description(settings, n_prompts, runs[0].records) if artifacts.verifiable else {},
+        pass_at_k=pass_at_k_description(
+            settings, n_prompts, runs[0].records, success_score=artifacts.success_score
+        )
+        if artifacts.verifiable
+        else {},
     )
     write_report(result, out_dir, log=log)
     return result
@@ -408,6 +412,9 @@ def _run_seed(
 
     for name in selected:
         if name in ("sft", "best-of-k"):
+            continue
+        if name in ctx.artifacts.unsupported_agents:
+            log(f"{name}: skipped, {ctx.artifacts.unsupported_agents[name]}")
             continue
         entry = registry[name]
         if nproc > 1 and name in DATA_PARALLEL_ENTRIES:

@@ -102,8 +102,19 @@ def columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, Callable[[d
     the SFT policy's and pass@k at the largest k measured (16 by default) after the win-rate (the whole curve
     is in ``leaderboard.json`` and the CSV)."""
     ks = pass_at_k_ks(rows)
+    at = [key for key, _, _ in COLUMNS].index("win_rate") + 1
+    if any(row.get("turns") is not None for row in rows):  # a multi-turn task
+        turns = (
+            ("gold_vs_sft", "gold - SFT", interval_cell("gold_vs_sft", 3)),
+            ("turns", "turns", _plain("turns", "{:.2f}")),
+            ("response_length", "agent tokens", _plain("response_length", "{:.1f}")),
+        )
+        base = COLUMNS[:at] + turns + COLUMNS[at:]
+        at += len(turns)
+    else:
+        base = COLUMNS
     if not ks:
-        return COLUMNS
+        return base
     shown = tuple(
         (f"pass_at_{k}", f"pass@{k}", interval_cell(f"pass_at_{k}", 3))
         for k in dict.fromkeys((ks[0], ks[-1]))
@@ -114,14 +125,16 @@ def columns(rows: Sequence[dict[str, Any]]) -> tuple[tuple[str, str, Callable[[d
             ("pass_at_1_vs_sft", "pass@1 - SFT", interval_cell("pass_at_1_vs_sft", 3)),
             *shown[1:],
         )
-    at = [key for key, _, _ in COLUMNS].index("win_rate") + 1
-    return COLUMNS[:at] + shown + COLUMNS[at:]
+    return base[:at] + shown + base[at:]
 
 
 def csv_fields(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
-    """:data:`CSV_FIELDS`, and every ``pass_at_{k}`` with its interval when the rows carry pass@k."""
+    """:data:`CSV_FIELDS`, every ``pass_at_{k}`` with its interval when the rows carry pass@k, and a
+    multi-turn task's turns and gold against the SFT policy's."""
     ks = pass_at_k_ks(rows)
     paired = ("pass_at_1_vs_sft", "pass_at_1_vs_sft_low", "pass_at_1_vs_sft_high") if 1 in ks else ()
+    if any(row.get("turns") is not None for row in rows):
+        paired += ("turns", "gold_vs_sft", "gold_vs_sft_low", "gold_vs_sft_high")
     return CSV_FIELDS + tuple(f"pass_at_{k}{suffix}" for k in ks for suffix in ("", "_low", "_high")) + paired
 
 
@@ -170,7 +183,8 @@ def caption(result: Any) -> str:
     passes = getattr(result, "pass_at_k", None)
     if passes:
         text += (
-            f" pass@k: the chance that at least one of k samples is correct (the checker scores it 1), the "
+            f" pass@k: the chance that at least one of k samples is correct "
+            f"({passes.get('correct', 'the checker scores it 1')}), the "
             f"unbiased estimate (Chen et al. 2021) from {passes['samples']} samples on each held-out prompt, "
             "with the same intervals; pass@1 is the share of correct samples (best-of-k rows: none); "
             "pass@1 - SFT: its difference to the SFT policy's, paired by seed and prompt (above 0 when the "

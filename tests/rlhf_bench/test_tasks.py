@@ -84,9 +84,12 @@ def test_sorting_generator_is_seeded_and_demonstrations_are_right_but_for_the_no
 # ------------------------------------------------------------------------------------ the registry
 def test_the_built_in_tasks_are_registered_reviews_first():
     tasks = registered_tasks()
-    assert list(tasks)[:2] == ["reviews", "sorting"]
+    assert list(tasks)[:3] == ["reviews", "guess-number", "sorting"]
     assert "gold rater" in tasks["reviews"].description and "checker" in tasks["sorting"].description
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; registered tasks: \['reviews', 'sorting'"):
+    assert "multi-turn" in tasks["guess-number"].description
+    with pytest.raises(
+        ValueError, match=r"unknown task 'nope'; registered tasks: \['reviews', 'guess-number', 'sorting'"
+    ):
         get_task("nope")
     for name in ("", "my task", "a/b", "a,b"):
         with pytest.raises(ValueError, match="task names"):
@@ -128,7 +131,9 @@ def test_unknown_tasks_fail_before_anything_is_built(tmp_path):
         "--out",
         str(tmp_path),
     ]
-    with pytest.raises(ValueError, match=r"unknown task 'nope'; registered tasks: \['reviews', 'sorting'"):
+    with pytest.raises(
+        ValueError, match=r"unknown task 'nope'; registered tasks: \['reviews', 'guess-number', 'sorting'"
+    ):
         main(args)
     assert not (tmp_path / "c").exists()
     with pytest.raises(ValueError, match="--task sorting builds a task's own models"):
