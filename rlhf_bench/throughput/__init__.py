@@ -25,6 +25,17 @@ same randomly initialised models (built from configs, nothing is downloaded), ba
 ``env-fused-graphs``    (c'', CUDA only) as (c'') with the fused decode step replayed as a CUDA graph.
 ``no-cache``            (d) RL4LMs-style: every step re-encodes the whole sequence with the policy and the
                         reference (no KV cache; only the last position's logits are computed).
+``floor``               (f) the unavoidable work alone: per token one batched forward of the policy and one
+                        of the reference, each with its KV cache, sampling, and the reward model once at the
+                        end; no environment, no agent, no text (:class:`~.baselines.Floor`). Every variant
+                        is also reported as a ratio of it (``ratio_to_floor``).
+``floor-graphs``        (f, CUDA only) as (f) with the decode steps replayed as CUDA graphs.
+``trl-grpo``            TRL's GRPO rollout built from TRL's API (:mod:`~.peers`): ``generate`` under GRPO's
+                        generation config, the reference log-probabilities through TRL's fused LM head, the
+                        reward model on the decoded and re-tokenized texts. Optional, run when named.
+``torchrl``             TorchRL's LLM rollout (:mod:`~.peers`): ``ChatEnv`` in tokens mode, a generating
+                        ``TransformersWrapper``, ``KLRewardTransform`` with the reference and a
+                        ``ModuleTransform`` of ``HFRewardModelWrapper``. Optional, run when named.
 ``ppo-update``          PPO update throughput (tokens per second per optimisation epoch) of the full and the
                         LoRA agent on the episodes of one rollout.
 ``lora-memory``         peak memory of a LoRA policy alone, with its adapter-disabled reference, and with a
@@ -33,18 +44,21 @@ same randomly initialised models (built from configs, nothing is downloaded), ba
 
 All variants generate exactly ``batch_size * new_tokens`` tokens: ``generate`` gets
 ``min_new_tokens=max_new_tokens`` and the environments ``stop_token_ids=[]`` (no stop token), so the
-counts and the work are identical. Throughput is generated tokens per second, the median over
-``--repeats`` timed runs after ``--warmup`` untimed runs; the repetitions of all variants are interleaved
-(round-robin) so that a change of machine load affects them alike, and the ratios are computed from
-medians measured in the same process.
+counts and the work are identical; ``tests/rlhf_bench/test_throughput_peers.py`` checks that the floor,
+the environment, the baselines and the peers return the same tokens, reference log-probabilities and
+scores. Throughput is generated tokens per second, the median over ``--repeats`` timed runs after
+``--warmup`` untimed runs; the repetitions of all variants are interleaved (round-robin) so that a change of
+machine load affects them alike, and the ratios are computed from medians measured in the same process.
 
 The code splits at its seams: :mod:`~rlhf_bench.throughput.settings` (the options),
-:mod:`~rlhf_bench.throughput.models` (random-weight models and prompts), :mod:`~rlhf_bench.throughput.baselines`
-(generate, the monolithic pipeline, no cache), :mod:`~rlhf_bench.throughput.variants` (the registry of
-rollout variants and the reported ratios), :mod:`~rlhf_bench.throughput.measure` (memory, timing, the run),
-:mod:`~rlhf_bench.throughput.report` and :mod:`~rlhf_bench.throughput.cli`. ``cpu.sh`` and ``gpu.sh`` in this
-directory run the configurations of ``BENCHMARKS.md`` and ``check_targets.py`` checks the targets; the
-recorded reports are in ``results/``.
+:mod:`~rlhf_bench.throughput.models` (random-weight models and prompts),
+:mod:`~rlhf_bench.throughput.baselines` (generate, the monolithic pipeline, no cache, the floor),
+:mod:`~rlhf_bench.throughput.peers` (TRL's and TorchRL's rollouts), :mod:`~rlhf_bench.throughput.variants`
+(the registry of rollout variants and the reported ratios), :mod:`~rlhf_bench.throughput.measure` (memory,
+timing, the run), :mod:`~rlhf_bench.throughput.report`, :mod:`~rlhf_bench.throughput.cli` and
+:mod:`~rlhf_bench.throughput.scaling` (the ratios to the floor across batch sizes and lengths). ``cpu.sh``
+and ``gpu.sh`` in this directory run the configurations of ``BENCHMARKS.md`` and ``check_targets.py`` checks
+the targets; the recorded reports are in ``results/``.
 
 Usage::
 
@@ -56,10 +70,11 @@ from rlhf_bench.throughput.measure import run_throughput
 from rlhf_bench.throughput.models import SHAPES, ModelShape
 from rlhf_bench.throughput.report import format_report
 from rlhf_bench.throughput.settings import ThroughputSettings
-from rlhf_bench.throughput.variants import CUDA_ONLY, RATIOS, ROLLOUTS, VARIANTS, rollout_variant
+from rlhf_bench.throughput.variants import CUDA_ONLY, OPTIONAL, RATIOS, ROLLOUTS, VARIANTS, rollout_variant
 
 __all__ = [
     "CUDA_ONLY",
+    "OPTIONAL",
     "RATIOS",
     "ROLLOUTS",
     "SHAPES",

@@ -20,9 +20,10 @@ def add_parser(subparsers: Any) -> None:
     """Register ``llm-env bench-throughput`` (one flag per :class:`ThroughputSettings` field)."""
     parser = subparsers.add_parser(
         "bench-throughput",
-        help="rollout throughput: the Gym-API env vs generate, the monolithic pipeline and no cache",
-        description="Rollout throughput of the Gym-API environment against Hugging Face generate, the monolithic "
-        "TRL-style pipeline and the no-cache loop, side by side in one process; see rlhf_bench.throughput.",
+        help="rollout throughput: the Gym-API env vs the floor, generate, the monolithic pipeline, the peers",
+        description="Rollout throughput of the Gym-API environment against the floor (the unavoidable work), "
+        "Hugging Face generate, the monolithic TRL-style pipeline, the no-cache loop and, when installed, TRL's "
+        "GRPO and TorchRL's LLM rollouts, side by side in one process; see rlhf_bench.throughput.",
     )
     add_dataclass_arguments(parser, ThroughputSettings)
     parser.add_argument("--json", default=None, help="also write the report as JSON to this path")

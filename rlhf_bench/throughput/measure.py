@@ -2,7 +2,13 @@
 
 Throughput is generated tokens per second, the median over ``repeats`` timed runs after ``warmup`` untimed
 runs; the repetitions of all variants are interleaved (round-robin) so that a change of machine load
-affects them alike, and the ratios are computed from medians measured in the same process.
+affects them alike, and the ratios are computed from medians measured in the same process. Every timed run
+records the CPU cores other processes used meanwhile (``other_load``), the 1-minute load average after it
+(``load_average``) and the CPU time of this process (``cpu_seconds``, all its threads); when the floor ran,
+every variant's throughput is also reported as a ratio of the floor's (``ratio_to_floor``), and by CPU time
+(``ratio_to_floor_cpu``: tokens per CPU second, a cleaner comparison on a shared machine with one thread,
+where other processes take wall-clock time from the run but not CPU time). A peer whose packages are missing
+is skipped with its reason (``skipped``).
 
 Under ``torchrun --nproc-per-node N`` (:mod:`llm_env.distributed`) every rank runs every variant with its
 own ``batch_size`` episodes, the ranks start each timed run together (a barrier) and a run takes as long
@@ -30,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,6 +47,7 @@ from rlhf_bench.throughput.report import environment
 from rlhf_bench.throughput.settings import ThroughputSettings
 from rlhf_bench.throughput.variants import (
     CUDA_ONLY,
+    OPTIONAL,
     RATIOS,
     ROLLOUTS,
     VARIANTS,
@@ -49,6 +56,7 @@ from rlhf_bench.throughput.variants import (
     make_env,
     model_bytes,
     ppo_agent,
+    unavailable,
 )
 
 __all__ = ["MEMORY_SETUPS", "run_throughput"]
@@ -176,13 +184,28 @@ def _other_load(before: tuple[int, int] | None, after: tuple[int, int] | None, s
     return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / ticks / seconds)
 
 
+def _load_average() -> float:
+    """The 1-minute load average (NaN where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return float("nan")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed(run: Callable[[int], int], rep: int, device: torch.device) -> tuple[float, int, float]:
-    """(seconds, generated tokens, CPU cores used by other processes meanwhile) of one run.
+class _Timing(NamedTuple):
+    seconds: float  # wall-clock
+    tokens: int
+    other_load: float  # CPU cores other processes used meanwhile
+    cpu_seconds: float  # CPU time of this process (all its threads)
+
+
+def _timed(run: Callable[[int], int], rep: int, device: torch.device) -> _Timing:
+    """Wall-clock seconds, generated tokens, other processes' load and this process's CPU time of one run.
 
     On N processes the ranks start together and the run lasts until the slowest one finishes: the
     seconds are the longest rank's, the tokens those of all ranks.
@@ -190,15 +213,18 @@ def _timed(run: Callable[[int], int], rep: int, device: torch.device) -> tuple[f
     _sync(device)
     barrier()
     before = _cpu_jiffies()
+    cpu = time.process_time()
     start = time.perf_counter()
     tokens = run(rep)
     _sync(device)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     load = _other_load(before, _cpu_jiffies(), seconds)
     if world_size() > 1:
-        ranks = all_gather_objects((seconds, tokens, load))
-        seconds, tokens, load = max(r[0] for r in ranks), sum(r[1] for r in ranks), max(r[2] for r in ranks)
-    return seconds, tokens, load
+        ranks = all_gather_objects((seconds, tokens, load, cpu))
+        seconds, tokens = max(r[0] for r in ranks), sum(r[1] for r in ranks)
+        load, cpu = max(r[2] for r in ranks), max(r[3] for r in ranks)
+    return _Timing(seconds, tokens, load, cpu)
 
 
 def _rollouts(setup: Setup, names: Sequence[str], log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
@@ -211,18 +237,24 @@ def _rollouts(setup: Setup, names: Sequence[str], log: Callable[[str], None]) ->
         variant = ROLLOUTS[name].build(setup)
         warmup = 0 if (name == "no-cache" and s.no_cache_repeats == 1) else s.warmup
         timings: list[float] = []
+        cpu: list[float] = []
         loads: list[float] = []
+        averages: list[float] = []
         with tracker.track():
-            seconds, _, load = _timed(variant.run, 10_000, setup.device)  # untimed unless the only run
+            first = _timed(variant.run, 10_000, setup.device)  # untimed unless the only run
         if warmup == 0:
-            timings.append(seconds)
-            loads.append(load)
+            timings.append(first.seconds)
+            cpu.append(first.cpu_seconds)
+            loads.append(first.other_load)
+            averages.append(_load_average())
         for rep in range(1, warmup):
             variant.run(10_000 + rep)
         built[name] = variant
         results[name] = {
             "seconds": timings,
+            "cpu_seconds": cpu,
             "other_load": loads,
+            "load_average": averages,
             "model_bytes": variant.model_bytes,
             "peak_memory_bytes": tracker.increase,
             "memory_measure": tracker.measure,
@@ -233,18 +265,24 @@ def _rollouts(setup: Setup, names: Sequence[str], log: Callable[[str], None]) ->
             wanted = s.no_cache_repeats if name == "no-cache" else s.repeats
             if len(results[name]["seconds"]) >= wanted:
                 continue
-            seconds, tokens, load = _timed(variant.run, rep, setup.device)
-            if tokens != setup.tokens * world_size():
+            timing = _timed(variant.run, rep, setup.device)
+            if timing.tokens != setup.tokens * world_size():
                 raise RuntimeError(
-                    f"{name} generated {tokens} tokens, expected {setup.tokens * world_size()}"
+                    f"{name} generated {timing.tokens} tokens, expected {setup.tokens * world_size()}"
                 )
-            results[name]["seconds"].append(seconds)
-            results[name]["other_load"].append(load)
-            log(f"{name} run {rep + 1}: {tokens / seconds:,.0f} tokens/s (other processes: {load:.2f} cores)")
+            results[name]["seconds"].append(timing.seconds)
+            results[name]["cpu_seconds"].append(timing.cpu_seconds)
+            results[name]["other_load"].append(timing.other_load)
+            results[name]["load_average"].append(_load_average())
+            log(
+                f"{name} run {rep + 1}: {timing.tokens / timing.seconds:,.0f} tokens/s "
+                f"(other processes: {timing.other_load:.2f} cores)"
+            )
     for result in results.values():
         median = statistics.median(result["seconds"])
         tokens = setup.tokens * world_size()
         result.update(tokens=tokens, median_seconds=median, tokens_per_s=tokens / median)
+        result["tokens_per_cpu_s"] = tokens / statistics.median(result["cpu_seconds"])
     built.clear()
     _release_memory(setup.device)
     return results
@@ -264,7 +302,7 @@ def _ppo_update(setup: Setup, log: Callable[[str], None]) -> dict[str, Any]:
             return 0
 
         warm = max(1, s.warmup)
-        timings = [_timed(update, rep, setup.device)[0] for rep in range(warm + s.repeats)][warm:]
+        timings = [_timed(update, rep, setup.device).seconds for rep in range(warm + s.repeats)][warm:]
         median = statistics.median(timings)
         tokens = int(trajectories.lengths.sum()) * world_size()
         out[label] = {
@@ -356,25 +394,40 @@ def run_throughput(
     try:
         setup = build_setup(settings)
         variants = settings.variants
-        if variants is None:  # all that apply to the device (and to N processes)
-            variants = tuple(v for v in VARIANTS if setup.device.type == "cuda" or v not in CUDA_ONLY)
+        if variants is None:  # all that apply to the device (and to N processes); the peers when named
+            variants = tuple(
+                v
+                for v in VARIANTS
+                if (setup.device.type == "cuda" or v not in CUDA_ONLY) and v not in OPTIONAL
+            )
             if world_size() > 1:
                 variants = tuple(v for v in variants if v != "lora-memory")
         elif setup.device.type != "cuda" and set(variants) & set(CUDA_ONLY):
             raise ValueError(f"{', '.join(CUDA_ONLY)} need a CUDA device")
+        skipped = {name: reason for name in variants if (reason := unavailable(name))}
+        for reason in skipped.values():
+            log(f"skipped: {reason}")
         report: dict[str, Any] = {
             "settings": {**asdict(settings), "variants": list(variants)},
             "environment": {**environment(setup.device), "processes": world_size()},
+            "load_average_start": _load_average(),
             "variants": {},
             "ratios": {},
         }
-        rollouts = [name for name in ROLLOUTS if name in variants]
+        if skipped:
+            report["skipped"] = skipped
+        rollouts = [name for name in ROLLOUTS if name in variants and name not in skipped]
         if rollouts:
             report["variants"] = _rollouts(setup, rollouts, log)
         speed = {name: result["tokens_per_s"] for name, result in report["variants"].items()}
         for numerator, denominator, label in RATIOS:
             if numerator in speed and denominator in speed:
                 report["ratios"][label] = speed[numerator] / speed[denominator]
+        if "floor" in speed:
+            floor = report["variants"]["floor"]
+            for result in report["variants"].values():
+                result["ratio_to_floor"] = result["tokens_per_s"] / floor["tokens_per_s"]
+                result["ratio_to_floor_cpu"] = result["tokens_per_cpu_s"] / floor["tokens_per_cpu_s"]
         if "ppo-update" in variants:
             report["ppo_update"] = _ppo_update(setup, log)
         if "lora-memory" in variants:
@@ -383,4 +436,5 @@ def run_throughput(
         torch.set_num_threads(previous_threads)
     loads = [x for r in report["variants"].values() for x in r["other_load"] if x == x]  # skip NaN
     report["max_other_load"] = max(loads, default=float("nan"))
+    report["load_average_end"] = _load_average()
     return report

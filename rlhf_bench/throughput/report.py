@@ -13,6 +13,8 @@ import peft
 import torch
 import transformers
 
+from rlhf_bench.throughput.peers import peer_versions
+
 __all__ = ["environment", "format_report"]
 
 
@@ -31,6 +33,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "peft": peft.__version__,
         "gymnasium": gymnasium.__version__,
         "numpy": np.__version__,
+        **peer_versions(),  # trl, accelerate, torchrl, tensordict where installed
         "device": str(device),
     }
     if device.type == "cuda":
@@ -50,15 +53,18 @@ def format_report(report: dict[str, Any]) -> str:
         f"median of {s['repeats']} timed runs ({s['no_cache_repeats']} for no-cache)",
     ]
     if report["variants"]:
+        floor = "floor" in report["variants"]
         lines += [
             "",
-            "| variant | tokens/s | median s | peak memory (MiB) | weights (MiB) |",
-            "|---|---:|---:|---:|---:|",
+            "| variant | tokens/s | median s | peak memory (MiB) | weights (MiB) |"
+            + (" vs floor | vs floor, CPU time |" if floor else ""),
+            "|---|---:|---:|---:|---:|" + ("---:|---:|" if floor else ""),
         ]
         for name, r in report["variants"].items():
             lines.append(
                 f"| {name} | {r['tokens_per_s']:,.0f} | {r['median_seconds']:.3f} | "
                 f"{r['peak_memory_bytes'] / 2**20:,.0f} | {r['model_bytes'] / 2**20:,.0f} |"
+                + (f" {r['ratio_to_floor']:.2f} | {r['ratio_to_floor_cpu']:.2f} |" if floor else "")
             )
     if report["ratios"]:
         lines += ["", "| ratio | value |", "|---|---:|"]
@@ -78,6 +84,14 @@ def format_report(report: dict[str, Any]) -> str:
                     f"| {label} | {v['peak_memory_bytes'] / 2**20:,.0f} | "
                     f"{v.get('ratio_to_policy_alone', 1.0):.2f} | {v['model_bytes'] / 2**20:,.0f} |"
                 )
+    for reason in report.get("skipped", {}).values():
+        lines += ["", f"Skipped: {reason}."]
+    if "load_average_start" in report:
+        lines += [
+            "",
+            f"Load average (1 min): {report['load_average_start']:.2f} at the start, "
+            f"{report.get('load_average_end', float('nan')):.2f} at the end.",
+        ]
     load = report.get("max_other_load", float("nan"))
     if load == load and load > 0.2:
         lines += ["", f"WARNING: other processes used up to {load:.1f} CPU cores during a timed run."]

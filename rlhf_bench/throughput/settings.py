@@ -41,7 +41,8 @@ class ThroughputSettings:
     threads: int | None = 2
     """torch.set_num_threads for the run; none keeps PyTorch's default."""
     variants: tuple[str, ...] | None = None
-    """Which variants run (space- or comma-separated); default: all, less the CUDA-graph ones on CPU."""
+    """Which variants run (space- or comma-separated); default: all, less the CUDA-graph ones on CPU and the
+    peers (trl-grpo, torchrl: optional packages, pip install -e ".[peers]"), which run when named."""
     temperature: float = 1.0
     """Sampling temperature of every variant."""
     kl_coef: float = 0.05
