@@ -25,7 +25,11 @@ policies learn partly on CPU, so that RL has room above the SFT policy.
   count follows the digits it wrote, right or wrong, so rewarding the answer rewards the conversion.
 * **Noise**: a ``noise`` share of the demonstrations carry a wrong answer (an integer off by one or two, or
   one character changed; with a scratchpad, a slip in its last step), so the SFT policy imitates mistakes and
-  RL has something to fix, as on the sorting task.
+  RL has something to fix, as on the sorting task. The registered tasks also make one **systematic mistake**
+  in three tenths of their demonstrations (:data:`MISTAKE_SHARE`): ``rg-spell-backward`` spells the word
+  forward (:func:`spelt_forward`), ``rg-count-bits`` counts the zeros of its (right) binary digits
+  (:func:`zeros_counted`). Scattered slips alone left the quick budget too little to learn from (the README's
+  "what RL does on them" has both measurements); one consistent wrong behaviour is what RL fixes within it.
 * **The checker** regenerates nothing: every prompt the task generates is remembered with its entry, and
   scoring a prompt the task did not generate raises. A response ``score_answer`` cannot parse scores 0.
 
@@ -45,6 +49,8 @@ task                   dataset and config                exact    mean score  ra
                        in a scratchpad
 =====================  ================================  =======  ==========  ============  ==================
 
+(Those are version 1's figures, before the systematic mistakes: the SFT policy of version 2 is exact on 17.3%
+of ``rg-spell-backward`` and 27.7% of ``rg-count-bits``; the README has both versions' RL results.)
 The whole default quick run on ``rg-spell-backward`` took 492 s with the SFT policy cached (load average
 2.1-3.0; 126 s more to build it): GRPO and PPO raise pass@1 above the SFT policy's (0.511 -> 0.543
 [+0.011, +0.053] and 0.545 [+0.007, +0.059], paired by prompt), best-of-16 reaches 0.953 and SB3's PPO,
@@ -92,7 +98,7 @@ __all__ = [
     "running_sums",
 ]
 
-REASONING_GYM_VERSION = 1
+REASONING_GYM_VERSION = 2
 """Bumped whenever the adapter, a registered config or the way artifacts are built changes, so cached
 artifacts are rebuilt (every reasoning-gym task shares it)."""
 
@@ -113,6 +119,10 @@ ALPHABET_SAMPLE = 512
 """Prompts (of stream 0) whose characters, with their demonstrations', make the vocabulary."""
 
 Scratchpad = Callable[[Mapping[str, Any], str], str]
+
+Mistake = Callable[[Mapping[str, Any]], str]
+"""A systematic mistake: ``entry -> response``, a whole wrong response of one consistent kind (the word spelt
+forward, the zeros counted instead of the ones)."""
 """``scratchpad(entry, answer)``: the reasoning written before ``answer: <answer>`` (``answer`` is the
 entry's, or a wrong one for a noisy demonstration: the reasoning then slips to reach it)."""
 
@@ -147,6 +157,18 @@ def running_sums(entry: Mapping[str, Any], answer: str) -> str:
     return " ".join(steps)
 
 
+def spelt_forward(entry: Mapping[str, Any]) -> str:
+    """``spell_backward``'s systematic mistake: the word as it is (`` bird`` for ``drib``)."""
+    return f" {entry['metadata']['word']}"
+
+
+def zeros_counted(entry: Mapping[str, Any]) -> str:
+    """``count_bits``' systematic mistake: the right binary digits, then the number of zeros among them
+    (`` 1011 answer: 1`` for 11)."""
+    bits = str(entry["metadata"]["binary"])
+    return f" {bits} {ANSWER_MARKER} {bits.count('0')}"
+
+
 def binary_digits(entry: Mapping[str, Any], answer: str) -> str:
     """The scratchpad of a ``count_bits``: the number's binary digits (``metadata["binary"]``), whose ones
     the answer counts, ``1001`` for 9. For a wrong ``answer`` the conversion slips: the last digits that
@@ -174,6 +196,9 @@ class ReasoningGymTask:
         scratchpad: the reasoning written before the final answer (:data:`Scratchpad`), or None for
             demonstrations that are the answer alone.
         noise: share of demonstrations with a wrong answer.
+        mistake: a systematic mistake (:data:`Mistake`), made by a ``mistake_share`` of the demonstrations
+            (drawn after the noise): one consistent wrong behaviour the SFT policy imitates and RL can unlearn.
+        mistake_share: share of demonstrations that make ``mistake``.
 
     >>> task = ReasoningGymTask("chain_sum", {"min_terms": 3, "max_terms": 3, "max_digits": 1},
     ...                         scratchpad=running_sums, noise=0.0)  # doctest: +SKIP
@@ -187,11 +212,18 @@ class ReasoningGymTask:
     seed: int = 0
     scratchpad: Scratchpad | None = None
     noise: float = 0.1
+    mistake: Mistake | None = None
+    mistake_share: float = 0.0
     _entries: dict[str, dict[str, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"noise must be in [0, 1], got {self.noise}")
+        if not 0.0 <= self.mistake_share <= 1.0 - self.noise or (self.mistake_share and self.mistake is None):
+            raise ValueError(
+                f"mistake_share must be in [0, 1 - noise] and needs a mistake, got {self.mistake_share} with "
+                f"noise {self.noise} and mistake {self.mistake!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         taken = sorted({"seed", "size"} & set(self.config))
@@ -260,13 +292,17 @@ class ReasoningGymTask:
 
     def demonstrations(self, prompts: Sequence[str], *, stream: int) -> list[str]:
         """The generator's answer to each prompt (after a space, and the scratchpad if any), a ``noise``
-        share of them wrong (see the module docstring)."""
+        share of them wrong and a ``mistake_share`` making the systematic mistake (see the module docstring)."""
         rng = np.random.default_rng((self.seed, stream, 1))
         out = []
         for prompt in prompts:
             entry, answer = self.entry(prompt), self.answer(prompt)
-            if rng.random() < self.noise:
+            draw = rng.random()
+            if draw < self.noise:
                 answer = self._wrong_answer(entry, answer, rng)
+            elif draw < self.noise + self.mistake_share:
+                out.append(self.mistake(entry))
+                continue
             out.append(self.respond(entry, answer))
         return out
 
@@ -350,12 +386,21 @@ def build_reasoning_gym_artifacts(
     dataset: str,
     config: Mapping[str, Any] | None = None,
     scratchpad: Scratchpad | None = None,
+    mistake: Mistake | None = None,
+    mistake_share: float = 0.0,
     directory: Path,
     **options: Any,
 ) -> Artifacts:
     """The artifacts of a reasoning-gym dataset (:func:`~rlhf_bench.leaderboard.build_verifiable_artifacts`
     on a :class:`ReasoningGymTask` seeded with the settings' seed)."""
-    task = ReasoningGymTask(dataset, config or {}, seed=settings.seed, scratchpad=scratchpad)
+    task = ReasoningGymTask(
+        dataset,
+        config or {},
+        seed=settings.seed,
+        scratchpad=scratchpad,
+        mistake=mistake,
+        mistake_share=mistake_share if mistake is not None else 0.0,
+    )
     return build_verifiable_artifacts(task, settings, directory=directory, **options)
 
 
@@ -375,6 +420,15 @@ def reasoning_gym_settings(settings: BenchmarkSettings) -> BenchmarkSettings:
     return dataclasses.replace(rlvr_settings(settings), token_budget=settings.token_budget, update_epochs=1)
 
 
+def count_bits_settings(settings: BenchmarkSettings) -> BenchmarkSettings:
+    """``rg-count-bits``' own settings: :func:`reasoning_gym_settings` with twice the token budget and twice its
+    learning rate (6e-4). Why, measured on three seeds (README): at the preset's budget PPO, GRPO and RLOO
+    each missed on one seed of three (pooled pass@1 - SFT +0.04 for all three); at twice the budget and
+    rate GRPO and RLOO rise on every seed and PPO on two (seed 0: +0.036 [-0.001, +0.074])."""
+    base = reasoning_gym_settings(settings)
+    return dataclasses.replace(base, token_budget=2 * base.token_budget, ppo_lr=round(2 * base.ppo_lr, 12))
+
+
 @dataclass(frozen=True)
 class Registered:
     """A reasoning-gym dataset at a chosen difficulty, registered as a benchmark task."""
@@ -383,7 +437,13 @@ class Registered:
     config: Mapping[str, Any]
     description: str
     scratchpad: Scratchpad | None = None
+    mistake: Mistake | None = None
+    mistake_share: float = 0.0
+    settings: Callable[[BenchmarkSettings], BenchmarkSettings] = reasoning_gym_settings
 
+
+MISTAKE_SHARE = 0.3
+"""Share of the registered tasks' demonstrations that make the task's systematic mistake."""
 
 REGISTERED: dict[str, Registered] = {
     "rg-spell-backward": Registered(
@@ -391,6 +451,8 @@ REGISTERED: dict[str, Registered] = {
         {"min_word_len": 3, "max_word_len": 5},
         "reasoning-gym's spell_backward, words of 3-5 letters ('... -> nus): bird' -> 'drib'), its "
         'score_answer the checker (pip install -e ".[tasks]")',
+        mistake=spelt_forward,
+        mistake_share=MISTAKE_SHARE,
     ),
     "rg-count-bits": Registered(
         "count_bits",
@@ -398,6 +460,9 @@ REGISTERED: dict[str, Registered] = {
         "reasoning-gym's count_bits, numbers 1-63, the binary digits written first ('... number 9?' -> "
         "'1001 answer: 2'), its score_answer the checker (pip install -e \".[tasks]\")",
         scratchpad=binary_digits,
+        mistake=zeros_counted,
+        mistake_share=MISTAKE_SHARE,
+        settings=count_bits_settings,
     ),
 }
 """The reasoning-gym tasks registered by name, at difficulties the quick settings' SFT policy partly learns
@@ -405,13 +470,15 @@ REGISTERED: dict[str, Registered] = {
 
 for _name, _task in REGISTERED.items():
     register_task(
-        _name, description=_task.description, version=REASONING_GYM_VERSION, settings=reasoning_gym_settings
+        _name, description=_task.description, version=REASONING_GYM_VERSION, settings=_task.settings
     )(
         functools.partial(
             build_reasoning_gym_artifacts,
             dataset=_task.dataset,
             config=_task.config,
             scratchpad=_task.scratchpad,
+            mistake=_task.mistake,
+            mistake_share=_task.mistake_share,
         )
     )
 

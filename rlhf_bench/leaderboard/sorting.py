@@ -2,10 +2,13 @@
 
 Prompts ask for three to six letters (``a`` to ``j``, repeats allowed) in alphabetical order, one token per
 letter: ``sort d b c b :``; the answer is `` b b c d``. The GPT-2-shaped policies of the benchmark learn it
-partly from a minute of supervised training: on the quick settings the SFT policy, sampled at temperature 1,
-sorts 52%, 56% and 62% of held-out prompts exactly (seeds 0, 1, 2; mean checker score 0.79, 0.82, 0.85), so
-RL has room to improve it. A tenth of the demonstrations carry one wrong letter (``noise``): the SFT policy
-imitates those slips too.
+partly from a minute of supervised training. A tenth of the demonstrations carry one wrong letter
+(``noise``) and three tenths copy the prompt's letters unsorted (``copy``, a systematic mistake): the SFT
+policy imitates both, and on the quick settings, sampled at temperature 1, sorts 17.7% of held-out samples
+exactly (seed 0; mean checker score 0.573). Why the systematic mistake (version 2): with the slips alone
+(version 1: 52-62% sorted) PPO did not rise significantly above the SFT policy on one seed of three, while
+undoing one consistent wrong behaviour is a direction every optimiser finds (README, "Tasks": every
+algorithm, every seed).
 
 The checker gives partial credit, so that a nearly right answer tells which letters were misplaced: the
 number of positions holding the letter the sorted sequence has there, over the longer of the two lengths.
@@ -30,7 +33,7 @@ from rlhf_bench.leaderboard.verifiable import build_verifiable_artifacts, rlvr_s
 
 __all__ = ["SORTING_VERSION", "SortingTask", "build_sorting_artifacts", "check", "solve"]
 
-SORTING_VERSION = 1
+SORTING_VERSION = 2
 """Bumped whenever the generator, the checker or the way artifacts are built changes, so cached artifacts
 are rebuilt."""
 
@@ -46,20 +49,25 @@ class SortingTask:
         min_letters: shortest sequence to sort.
         max_letters: longest sequence to sort.
         noise: share of demonstrations with one letter replaced by another.
+        copy: share of demonstrations that copy the letters in the prompt's order instead of sorting them
+            (a systematic mistake, drawn after the noise).
     """
 
     seed: int = 0
     min_letters: int = 3
     max_letters: int = 6
     noise: float = 0.1
+    copy: float = 0.3
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_letters <= self.max_letters:
             raise ValueError(
                 f"need 1 <= min_letters <= max_letters, got {self.min_letters} and {self.max_letters}"
             )
-        if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"noise must be in [0, 1], got {self.noise}")
+        if not 0.0 <= self.noise <= 1.0 or not 0.0 <= self.copy <= 1.0 - self.noise:
+            raise ValueError(
+                f"need noise in [0, 1] and copy in [0, 1 - noise], got {self.noise} and {self.copy}"
+            )
 
     def vocabulary(self) -> list[str]:
         """The letters, ``sort`` and ``:``."""
@@ -75,12 +83,17 @@ class SortingTask:
         return out
 
     def demonstrations(self, prompts: Sequence[str], *, stream: int) -> list[str]:
-        """The sorted letters of each prompt (starting with a space), a ``noise`` share with one wrong."""
+        """The sorted letters of each prompt (starting with a space), a ``noise`` share with one wrong and a
+        ``copy`` share in the prompt's order (unsorted)."""
         rng = np.random.default_rng((self.seed, stream, 1))
         out = []
         for prompt in prompts:
             letters = solve(prompt)
-            if rng.random() < self.noise:
+            draw = rng.random()
+            if self.noise <= draw < self.noise + self.copy:
+                out.append(" " + " ".join(prompt.split()[1:-1]))
+                continue
+            if draw < self.noise:
                 i = int(rng.integers(len(letters)))
                 others = [c for c in LETTERS if c != letters[i]]
                 letters[i] = others[int(rng.integers(len(others)))]

@@ -15,10 +15,13 @@ pytest.importorskip("reasoning_gym")
 from rlhf_bench.leaderboard import BenchmarkSettings, ReasoningGymTask, registered_tasks, run_benchmark
 from rlhf_bench.leaderboard.reasoning_gym import (
     ANSWER_CUE,
+    MISTAKE_SHARE,
     REGISTERED,
     _reasoning_gym,
     binary_digits,
     running_sums,
+    spelt_forward,
+    zeros_counted,
 )
 from rlhf_bench.leaderboard.tasks import get_task, registered_task_families, task_directory
 from rlhf_bench.leaderboard.verifiable import VerifiableTask, as_checker, task_tokenizer
@@ -90,6 +93,28 @@ def test_binary_digits_by_hand():
         digits, marker, given = demo.split()
         assert marker == "answer:" and digits.count("1") == int(given) >= 0
         assert given != task.answer(prompt) and task.score([prompt], [demo]) == [0.0]
+
+
+def test_the_registered_tasks_systematic_mistakes():
+    """A share of the registered tasks' demonstrations make one consistent mistake (the word spelt forward,
+    the zeros counted), drawn after the noise; everything else is the generator's answer."""
+    assert spelt_forward({"metadata": {"word": "bird"}}) == " bird"
+    assert zeros_counted({"metadata": {"binary": "1011"}}) == " 1011 answer: 1"
+    for name, mistake in (("rg-spell-backward", spelt_forward), ("rg-count-bits", zeros_counted)):
+        entry = REGISTERED[name]
+        assert entry.mistake is mistake and entry.mistake_share == MISTAKE_SHARE == 0.3
+        task = registered(name, noise=0.0, mistake=mistake, mistake_share=0.3)
+        prompts = task.prompts(1000, stream=5)
+        demos = task.demonstrations(prompts, stream=5)
+        made = np.array([d == mistake(task.entry(p)) for p, d in zip(prompts, demos)])
+        right = np.array(task.score(prompts, demos)) == 1.0
+        # A made mistake can also be right (a palindrome; as many zeros as ones): it then counts as both.
+        assert 0.26 < made.mean() and 0.2 < (made & ~right).mean() < 0.34
+        assert (right | made).all()  # the rest are right
+    with pytest.raises(ValueError, match="mistake_share"):
+        registered("rg-count-bits", mistake_share=0.3)  # no mistake given
+    with pytest.raises(ValueError, match="mistake_share"):
+        registered("rg-count-bits", noise=0.8, mistake=zeros_counted, mistake_share=0.3)
 
 
 def test_running_sums_by_hand():

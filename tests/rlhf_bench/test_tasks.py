@@ -71,14 +71,21 @@ def test_sorting_generator_is_seeded_and_demonstrations_are_right_but_for_the_no
     assert set(" ".join(prompts).split()) <= set(task.vocabulary())
     demos = task.demonstrations(prompts, stream=7)
     assert demos == task.demonstrations(prompts, stream=7) and all(d.startswith(" ") for d in demos)
-    scores = np.array(task.score(prompts, demos))
+    copied = np.array([d.split() == p.split()[1:-1] for p, d in zip(prompts, demos)])
+    # Three tenths copy the prompt's letters unsorted (the systematic mistake; some are sorted already).
+    assert 0.27 < copied.mean() < 0.36
+    noisy = SortingTask(seed=3, copy=0.0)
+    demos = noisy.demonstrations(prompts, stream=7)
+    scores = np.array(noisy.score(prompts, demos))
     lengths = np.array([len(p.split()) - 2 for p in prompts])
     wrong = scores < 1
     # A tenth of the demonstrations (seeded: 188 of 2000) have exactly one wrong letter, the rest are sorted.
     assert 0.08 < wrong.mean() < 0.12
     np.testing.assert_allclose(scores[wrong], (lengths[wrong] - 1) / lengths[wrong])
-    clean = SortingTask(seed=3, noise=0.0)
+    clean = SortingTask(seed=3, noise=0.0, copy=0.0)
     assert clean.score(prompts, clean.demonstrations(prompts, stream=7)) == [1.0] * len(prompts)
+    with pytest.raises(ValueError, match="copy in"):
+        SortingTask(noise=0.8, copy=0.3)
 
 
 # ------------------------------------------------------------------------------------ the registry
@@ -259,12 +266,13 @@ def test_nproc_workers_rebuild_the_context_of_the_chosen_task(tmp_path):
 @pytest.mark.slow
 def test_the_sft_policy_learns_to_sort_partly_on_the_quick_settings(tmp_path):
     """The quick settings' SFT policy sorts well above chance but far from always: RL has room. Measured
-    for seeds 0, 1, 2: 0.517, 0.563, 0.615 sorted exactly (600 samples at temperature 1), mean checker
-    score 0.795, 0.824, 0.845; 1574, 1494, 1456 checker-ranked pairs. Deterministic on CPU."""
+    (version 2, three tenths of the demonstrations copied unsorted) for seed 0: 0.177 sorted exactly (600
+    samples at temperature 1), mean checker score 0.573, 2305 checker-ranked pairs; version 1 (slips only):
+    0.517, 0.563, 0.615 for seeds 0, 1, 2. Deterministic on CPU."""
     metrics = build_artifacts(
         BenchmarkSettings.quick(), task="sorting", cache_dir=tmp_path, progress=False, log=lambda _: None
     ).metrics
-    assert 0.3 < metrics["sft_solved"] < 0.9, metrics
+    assert 0.1 < metrics["sft_solved"] < 0.9, metrics
     assert metrics["sft_solved"] < metrics["sft_score"] < 0.95, metrics
     assert metrics["preference_pairs"] > 1000, metrics
 
