@@ -109,7 +109,7 @@ def test_the_registered_tasks_systematic_mistakes():
         made = np.array([d == mistake(task.entry(p)) for p, d in zip(prompts, demos)])
         right = np.array(task.score(prompts, demos)) == 1.0
         # A made mistake can also be right (a palindrome; as many zeros as ones): it then counts as both.
-        assert 0.26 < made.mean() and 0.2 < (made & ~right).mean() < 0.34
+        assert made.mean() > 0.26 and 0.2 < (made & ~right).mean() < 0.34
         assert (right | made).all()  # the rest are right
     with pytest.raises(ValueError, match="mistake_share"):
         registered("rg-count-bits", mistake_share=0.3)  # no mistake given
