@@ -145,30 +145,23 @@ class FusedDecoder:
         self, rows: torch.Tensor | np.ndarray, input_ids: torch.Tensor, lengths: np.ndarray
     ) -> DecodeOutput:
         """(Re)start ``rows`` in both halves; returns the reference's logits for these rows, (n, V)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        n = len(rows)
-        input_ids = input_ids.to(self.device)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        out = self.lm.prefill(
-            np.concatenate([rows, rows + self.batch_size]),
-            torch.cat([input_ids, input_ids]),
-            np.concatenate([lengths, lengths]),
-            forward_kwargs=self._forward_kwargs(n),
-        )
-        if self.policy_logits is None:
-            self.policy_logits = out.logits.new_zeros(self.batch_size, out.logits.shape[-1])
-        self.policy_logits[host_to_device(rows, self.device)] = out.logits[:n]
-        self.observation = None
-        return DecodeOutput(logits=out.logits[n:])
+        return self._both(self.lm.prefill, rows, input_ids, lengths)
 
     def extend(self, rows: np.ndarray, input_ids: torch.Tensor, lengths: np.ndarray) -> DecodeOutput:
         """Append left-padded chunks to ``rows`` in both halves (see :meth:`IncrementalLM.extend`); returns
         the reference's logits for these rows, (n, V)."""
+        return self._both(self.lm.extend, rows, input_ids, lengths)
+
+    def _both(
+        self, method: Any, rows: torch.Tensor | np.ndarray, input_ids: torch.Tensor, lengths: np.ndarray
+    ) -> DecodeOutput:
+        """Run a prefill or an extend of ``self.lm`` on ``rows`` of the policy half and the same rows of the
+        reference half in one pass; keep the policy's logits, return the reference's."""
         rows = np.asarray(rows, dtype=np.int64)
         n = len(rows)
         input_ids = input_ids.to(self.device)
         lengths = np.asarray(lengths, dtype=np.int64)
-        out = self.lm.extend(
+        out = method(
             np.concatenate([rows, rows + self.batch_size]),
             torch.cat([input_ids, input_ids]),
             np.concatenate([lengths, lengths]),

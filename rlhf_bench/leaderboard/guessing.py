@@ -33,16 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode
 
-from agents.policy import TokenSampler
-from agents.rollout import collect_episodes
 from agents.sft import SFTConfig, sft_train
-from llm_env import TextGenVectorEnv
 from llm_env.models import load_tokenizer
 from llm_env.multiturn import Conversation, Reply, Transcript
 from llm_env.tiny import tiny_gpt2, word_tokenizer
-from rlhf_bench.leaderboard.artifacts import Artifacts, cached_build
+from rlhf_bench.leaderboard.artifacts import Artifacts, cached_build, sample_texts
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 from rlhf_bench.leaderboard.tasks import register_task
 from rlhf_bench.leaderboard.verifiable import Log
@@ -238,19 +234,18 @@ def play_games(
     seed: int,
 ) -> np.ndarray:
     """The checker's scores of one game per prompt played by ``policy`` (sampled at temperature 1)."""
-    env = TextGenVectorEnv(
-        num_envs=num_envs,
-        prompts=list(prompts),
-        tokenizer=tokenizer,
-        reward=lambda p, r: [0.0] * len(r),
+    games = sample_texts(
+        policy,
+        tokenizer,
+        prompts,
+        1,
         max_new_tokens=max_new_tokens,
-        autoreset_mode=AutoresetMode.DISABLED,
+        num_envs=num_envs,
         device=device,
-        **task.env_options(),
+        seed=seed,
+        env_options=task.env_options(),
     )
-    sampler = TokenSampler(policy, generator=torch.Generator(device=device).manual_seed(seed))
-    draws = collect_episodes(env, sampler, len(prompts), seed=seed, prompt_indices=np.arange(len(prompts)))
-    return np.asarray(task.score(draws.prompts, draws.responses))
+    return np.asarray(task.score(prompts, [transcripts[0] for transcripts in games]))
 
 
 def build_guessing_artifacts(
