@@ -228,7 +228,6 @@ class EpisodeBatch:
             self.agent_mask = torch.zeros((B, L + 1), dtype=torch.long, device=self.device)
             self.host_agent_mask = np.zeros((B, L + 1), dtype=np.int64)
             self.turn_start = np.zeros(B, dtype=np.int64)  # where each row's current agent turn began
-            self.turns = np.zeros(B, dtype=np.int64)  # agent turns completed
             self.conversations: list[Conversation | None] = [None] * B
 
     def close(self) -> None:
@@ -279,7 +278,6 @@ class EpisodeBatch:
             self.agent_mask[rows_t] = 0
             self.host_agent_mask[rows] = 0
             self.turn_start[rows] = lengths
-            self.turns[rows] = 0
             for row, index in zip(rows, indices):
                 self.conversations[row] = Conversation(self.prompts[int(index)], int(index))
         if self.lm is not None:
@@ -535,6 +533,9 @@ class EpisodeBatch:
         """Append the replies' tokens after the agent's token in their rows and record the new turns."""
         for row, conversation in turn.conversations.items():
             self.conversations[row] = conversation
+        if not turn.injected:
+            return
+        grown = np.zeros(self.num_envs, dtype=np.int64)  # reply tokens appended to each row
         cols, rows, values = [], [], []
         for row, ids in turn.injected.items():
             start = positions[row] + 1
@@ -546,19 +547,13 @@ class EpisodeBatch:
             rows.append(np.full(len(ids), row))
             cols.append(np.arange(start, start + len(ids)))
             values.append(ids)
-            self.response_len[row] += len(ids)
+            grown[row] = len(ids)
             self.turn_start[row] = start + len(ids)
-        if rows:
-            rows_t = host_to_device(np.concatenate(rows), self.device)
-            self.tokens[rows_t, host_to_device(np.concatenate(cols), self.device)] = host_to_device(
-                np.concatenate(values), self.device
-            )
-            lengths = np.zeros(self.num_envs, dtype=np.int64)
-            for row, ids in turn.injected.items():
-                lengths[row] = len(ids)
-            self._length += host_to_device(lengths, self.device)
-        for row in turn.conversations:
-            self.turns[row] = len(self.conversations[row].agent_turns)
+        rows_t = host_to_device(np.concatenate(rows), self.device)
+        cols_t = host_to_device(np.concatenate(cols), self.device)
+        self.tokens[rows_t, cols_t] = host_to_device(np.concatenate(values), self.device)
+        self.response_len += grown
+        self._length += host_to_device(grown, self.device)
 
 
 @dataclass
@@ -567,7 +562,7 @@ class _TurnOutcome:
 
     continues: np.ndarray  # (B,) bool: a reply joined the context, the episode goes on
     cut: np.ndarray  # (B,) bool: answered, but the turn limit or the reply's length ends the episode
-    rewards: np.ndarray | None = None  # (B,) per-turn rewards, paid on the agent's last token of the turn
+    rewards: np.ndarray  # (B,) per-turn rewards, paid on the agent's last token of the turn
     conversations: dict[int, Conversation] = dataclasses.field(default_factory=dict)  # with the turn added
     replies: dict[int, Reply] = dataclasses.field(default_factory=dict)
     injected: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # the reply tokens appended

@@ -57,6 +57,7 @@ __all__ = [
     "cached_build",
     "default_cache_dir",
     "load_byo_artifacts",
+    "new_sft_policy",
     "sample_texts",
     "train_sft_policy",
 ]
@@ -145,6 +146,36 @@ def sample_texts(
     return out
 
 
+def new_sft_policy(
+    tokenizer: PreTrainedTokenizerBase,
+    settings: BenchmarkSettings,
+    *,
+    device: torch.device | str,
+    progress: bool,
+    n_positions: int = 128,
+) -> tuple[Any, SFTConfig]:
+    """A fresh GPT-2-shaped policy of the settings' size (``n_positions`` of context) and the supervised
+    configuration every task's SFT stages train it with: the start of :func:`train_sft_policy`, and of a task
+    that trains on token-level examples of its own (the guessing game's conversations)."""
+    model = tiny_gpt2(
+        tokenizer,
+        n_layer=settings.policy_layers,
+        n_embd=settings.policy_width,
+        n_head=4,
+        n_positions=n_positions,
+        seed=settings.seed,
+    ).to(device)
+    config = SFTConfig(
+        learning_rate=settings.sft_lr,
+        epochs=1,
+        batch_size=32,
+        warmup_ratio=0.05,
+        seed=settings.seed,
+        progress=progress,
+    )
+    return model, config
+
+
 def train_sft_policy(
     tokenizer: PreTrainedTokenizerBase,
     documents: Sequence[str],
@@ -161,21 +192,8 @@ def train_sft_policy(
     token of ``documents``, then fine-tuned on (prompt, response) ``pairs`` (loss on the responses only):
     the SFT model of a task, in eval mode. ``what`` names the texts in the log lines; ``n_positions`` is
     the policy's context (prompt and response together, in tokens)."""
-    model = tiny_gpt2(
-        tokenizer,
-        n_layer=settings.policy_layers,
-        n_embd=settings.policy_width,
-        n_head=4,
-        n_positions=n_positions,
-        seed=settings.seed,
-    ).to(device)
-    config = SFTConfig(
-        learning_rate=settings.sft_lr,
-        epochs=1,
-        batch_size=32,
-        warmup_ratio=0.05,
-        seed=settings.seed,
-        progress=progress,
+    model, config = new_sft_policy(
+        tokenizer, settings, device=device, progress=progress, n_positions=n_positions
     )
     start = time.perf_counter()
     ids = [[*row, tokenizer.eos_token_id] for row in tokenizer(list(documents))["input_ids"]]

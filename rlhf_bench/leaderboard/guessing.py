@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.sft import SFTConfig, sft_train
+from agents.sft import sft_train
 from llm_env.models import load_tokenizer
 from llm_env.multiturn import Conversation, Reply, Transcript
-from llm_env.tiny import tiny_gpt2, word_tokenizer
-from rlhf_bench.leaderboard.artifacts import Artifacts, cached_build, sample_texts
+from llm_env.tiny import word_tokenizer
+from rlhf_bench.leaderboard.artifacts import Artifacts, cached_build, new_sft_policy, sample_texts
 from rlhf_bench.leaderboard.settings import BenchmarkSettings
 from rlhf_bench.leaderboard.tasks import register_task
 from rlhf_bench.leaderboard.verifiable import Log
@@ -263,22 +263,7 @@ def build_guessing_artifacts(
 
     def build(tmp: Path) -> dict[str, Any]:
         tokenizer = word_tokenizer([" ".join(task.vocabulary())])
-        model = tiny_gpt2(
-            tokenizer,
-            n_layer=settings.policy_layers,
-            n_embd=settings.policy_width,
-            n_head=4,
-            n_positions=128,
-            seed=settings.seed,
-        ).to(device)
-        config = SFTConfig(
-            learning_rate=settings.sft_lr,
-            epochs=1,
-            batch_size=32,
-            warmup_ratio=0.05,
-            seed=settings.seed,
-            progress=progress,
-        )
+        model, config = new_sft_policy(tokenizer, settings, device=device, progress=progress)
         metrics: dict[str, Any] = {}
         for stage, n, stream, masked in (
             ("pretrained", settings.pretrain_texts, 1, False),
