@@ -89,10 +89,14 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 600.0
 """Seconds a collective waits for the other ranks before it raises (``$LLM_ENV_DIST_TIMEOUT`` overrides)."""
 
-RANK_SEED_STRIDE = 1 << 32
-"""Distance between the seeds of consecutive ranks (:func:`rank_seed`): larger than any per-update offset."""
+RANK_SEED_STRIDE = (1 << 32) + 0x9E3779B1
+"""Distance between the seeds of consecutive ranks (:func:`rank_seed`): larger than any per-update offset, and
+different modulo 2**32 for every rank up to 2**32 (its low half, 0x9E3779B1, is odd). The low half matters:
+torch's CPU generator keeps only a seed's low 32 bits, so with a stride of exactly 2**32 every rank sampled
+rank 0's tokens on CPU."""
 
 Strategy = Literal["ddp", "fsdp"]
+"""How a trainer wraps its model across ranks: ``DistributedDataParallel`` or ``FullyShardedDataParallel``."""
 
 
 # ------------------------------------------------------------------------------------------ the group
@@ -174,13 +178,14 @@ def barrier() -> None:
 
 
 # ------------------------------------------------------------------------------------------ the data
-def rank_seed(seed: int) -> int:
-    """This rank's version of ``seed``: ``seed + rank * 2**32``.
+def rank_seed(seed: int, of_rank: int | None = None) -> int:
+    """This rank's version of ``seed`` (or rank ``of_rank``'s): ``seed + rank * RANK_SEED_STRIDE``.
 
     Rank 0 keeps ``seed``, so a run in one process draws exactly what it drew before; the other ranks draw
-    independent streams (sampling, environment resets) instead of repeating rank 0's.
+    independent streams (sampling, environment resets) instead of repeating rank 0's, on CPU too (see
+    :data:`RANK_SEED_STRIDE`).
     """
-    return int(seed) + rank() * RANK_SEED_STRIDE
+    return int(seed) + (rank() if of_rank is None else int(of_rank)) * RANK_SEED_STRIDE
 
 
 def check_divisible(name: str, value: int, world: int | None = None, hint: str = "") -> int:

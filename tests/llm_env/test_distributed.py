@@ -16,6 +16,15 @@ from agents.losses import masked_mean, masked_var, masked_whiten
 from llm_env import distributed as D
 
 
+def test_rank_seeds_draw_different_samples_on_every_rank():
+    """torch's CPU generator keeps only a seed's low 32 bits: a stride of 2**32 gave every rank rank 0's draws."""
+    seeds = [D.rank_seed(7 * 1_000_003 + 5, of_rank=r) for r in range(8)]
+    assert seeds[0] == 7 * 1_000_003 + 5  # one process draws what it always drew
+    draws = {tuple(torch.rand(4, generator=torch.Generator().manual_seed(s)).tolist()) for s in seeds}
+    assert len(draws) == 8
+    assert len({s % 2**32 for s in seeds}) == 8
+
+
 def test_without_a_launcher_everything_is_local():
     assert not D.launched() and not D.init_distributed()  # a plain process: no group is started
     assert (D.world_size(), D.rank(), D.is_main_process(), D.rank_seed(7)) == (1, 0, True, 7)
