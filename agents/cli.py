@@ -111,7 +111,10 @@ PG_AGENTS: dict[str, tuple[type[PGAgent], str]] = {
     "reinforce-pp": (ReinforcePPAgent, "REINFORCE++ (Hu 2025): per-token KL returns, batch-normalised"),
     "remax": (ReMaxAgent, "ReMax (Li et al. 2023): REINFORCE with the greedy response as baseline"),
 }
-"""The critic-free subcommands: agent class (its ``config_class`` gives the options) and one-line help."""
+"""The critic-free subcommands: agent class (its ``config_class`` gives the options) and one-line help.
+
+:meta hide-value:
+"""
 
 PG_ENV_OPTIONS = tuple(name for name in ENV_OPTIONS if name != "kl_estimator")
 """The environment options of the critic-free commands: their config's ``--kl-estimator`` sets the env's."""

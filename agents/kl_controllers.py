@@ -21,12 +21,23 @@ class FixedKLController:
         self.value = check_kl_coef(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        """The coefficient for the next rollout, given the last one's KL and episode count: here unchanged.
+
+        Args:
+            current_kl: Mean summed KL per episode of the last rollout.
+            n_steps: Number of episodes in the last rollout.
+
+        Returns:
+            The new beta, also kept in ``value``.
+        """
         return self.value
 
     def state_dict(self) -> dict[str, Any]:
+        """The controller's state for a checkpoint: the current beta."""
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the beta saved by :meth:`state_dict` (a resumed run continues with the adapted value)."""
         self.value = float(state["value"])
 
 
@@ -46,6 +57,15 @@ class AdaptiveKLController(FixedKLController):
         self.target, self.horizon = float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        """Move beta towards the target by the proportional rule above; a non-finite KL leaves it unchanged.
+
+        Args:
+            current_kl: Mean summed KL per episode of the last rollout.
+            n_steps: Number of episodes in the last rollout.
+
+        Returns:
+            The new beta, also kept in ``value``.
+        """
         if math.isfinite(current_kl):
             error = min(max((current_kl - self.target) / self.target, -0.2), 0.2)
             self.value *= 1.0 + error * n_steps / self.horizon

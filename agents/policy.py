@@ -67,6 +67,7 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # (..., d) -> (...)
+        """Values of hidden states ``(..., d)``, shape ``(...)``, computed in the head's dtype."""
         return self.linear(hidden_states.to(self.linear.weight.dtype)).squeeze(-1)
 
 

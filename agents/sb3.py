@@ -68,6 +68,9 @@ class LMFeaturesExtractor(BaseFeaturesExtractor):
         return unwrap_model(self.lm).get_output_embeddings()
 
     def forward(self, observations: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The trunk's last hidden state at each observation's last real token (position
+        ``attention_mask.sum() - 1``), shape ``(B, d)``: SB3's features, from which the LM head gives the
+        next-token logits."""
         # SB3 hands observations over as float tensors; token ids below 2**24 are exact in float32.
         input_ids = observations["input_ids"].long()
         attention_mask = observations["attention_mask"].long()

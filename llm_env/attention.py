@@ -37,7 +37,10 @@ from llm_env.models import accepts_kwarg, unwrap_model
 __all__ = ["FULL", "SLIDING", "AttentionLayout", "UnsupportedArchitectureError", "attention_layout"]
 
 FULL = "full_attention"
+"""``config.layer_types`` entry of a layer that attends to every earlier token of its sequence."""
 SLIDING = "sliding_attention"
+"""``config.layer_types`` entry of a layer that attends only to the last ``config.sliding_window``
+positions."""
 
 
 class UnsupportedArchitectureError(ValueError):

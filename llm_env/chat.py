@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 __all__ = ["ChatPrompt", "Conversation", "as_conversation", "conversation_text", "end_of_turn_ids", "render"]
 
 Conversation = list[dict[str, str]]
+"""A conversation: ``[{"role": "user", "content": ...}, ...]``, the messages a chat template renders."""
 
 
 class ChatPrompt(str):

@@ -216,6 +216,19 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Start an episode with the next prompt of the prompt order.
+
+        Args:
+            seed: Seeds ``np_random`` and restarts the prompt order from it (the first reset restarts it
+                in any case), so the same seed gives the same sequence of prompts.
+            options: ``{"prompt_index": i}`` forces the prompt; no other option is accepted.
+
+        Returns:
+            The observation (``input_ids`` and ``attention_mask`` of the padded prompt as numpy arrays,
+            plus ``agent_mask`` in a multi-turn episode) and
+            the info ``{"prompt_index": i}``. Every argument is validated before anything changes, so a
+            reset that raises leaves the environment as it was.
+        """
         # Everything is validated before anything changes, so a reset that raises leaves the env as it was.
         self.batch.check_open()
         options = dict(options or {})
@@ -236,6 +249,20 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
     def step(
         self, action: int | TokenActions
     ) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """Append one token to the response and return ``(observation, reward, terminated, truncated, info)``.
+
+        Args:
+            action: A token id, or :class:`~llm_env.TokenActions` with the policy's log-probability of it
+                (a float), which makes the KL penalty exact; without it the reward carries
+                ``beta * log pi_ref(a|s)`` instead (see :mod:`llm_env.core`).
+
+        Returns:
+            The reward is the per-token KL penalty, plus the reward model's score on the last token of the
+            response. At the end of the episode ``info["completion"]`` describes it (see the class
+            description); in a multi-turn episode ``info["reply"]`` and ``info["injected_ids"]`` hold the
+            reply that joined the context at this step. Stepping before :meth:`reset` or after the end of
+            an episode raises.
+        """
         if not self.batch.ready[0]:
             raise RuntimeError("step() called before reset(): call env.reset() first")
         if self._done:
@@ -274,6 +301,7 @@ class TextGenEnv(_BatchAccessors, Env[dict[str, np.ndarray], int]):
         self.batch.close()
 
     def render(self) -> str | None:
+        """With ``render_mode="ansi"``: the prompt and the response so far, separated by ``│``; else None."""
         if self.render_mode != "ansi" or not self.batch.ready[0]:
             return None
         prompt, response = self.batch.text(0)
@@ -459,6 +487,19 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     def reset(
         self, *, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Start new episodes in all sub-environments, or in those of ``options["reset_mask"]``.
+
+        Args:
+            seed: An int seeds sub-environment ``i``'s prompt order with ``seed + i``; a list gives one seed
+                (or None) per sub-environment.
+            options: ``"reset_mask"``, a bool array of shape ``(num_envs,)`` selecting the sub-environments
+                to reset (the others keep their episodes); ``"prompt_indices"``, the prompts to use, one
+                per sub-environment or one per reset sub-environment.
+
+        Returns:
+            The observation (tensors on the device) and the info ``{"prompt_index": ..., "_prompt_index":
+            mask}``. Every argument is validated before anything changes.
+        """
         self.batch.check_open()
         options = dict(options or {})
         mask = options.pop("reset_mask", None)
@@ -524,6 +565,20 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
     def step(
         self, actions: Any
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Append one token to every running episode; return observations, rewards, terminations,
+        truncations (tensors on the device) and the info.
+
+        Args:
+            actions: Token ids of shape ``(num_envs,)`` (a tensor or an array), or
+                :class:`~llm_env.TokenActions` with the policy's log-probabilities of them, which make the
+                KL penalty exact.
+
+        Returns:
+            The rewards are the per-token KL penalties, plus the reward model's scores on the last token
+            of the episodes that ended. ``info["completion"]`` and ``info["_completion"]`` describe the
+            ended episodes; with next-step autoreset the sub-environments that ended at the previous step
+            are reset instead of stepped (``info["prompt_index"]``). See the class description.
+        """
         if not self._started:
             raise RuntimeError("step() called before reset(): call envs.reset() first")
         tokens, logprobs = self._parse_actions(actions)
@@ -558,6 +613,7 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         )
 
     def render(self) -> tuple[str, ...] | None:
+        """With ``render_mode="ansi"``: each sub-environment's prompt and response so far, else None."""
         if self.render_mode != "ansi" or not self._started:
             return None
         return tuple(
@@ -590,4 +646,5 @@ class TextGenVectorEnv(_BatchAccessors, VectorEnv):
         return lm.logits_for(observation["input_ids"])
 
     def close_extras(self, **kwargs: Any) -> None:
+        """Release the reference model's decoder (``close()`` calls this); stepping afterwards raises."""
         self.batch.close()

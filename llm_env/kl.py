@@ -60,7 +60,10 @@ __all__ = [
 
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
 """Estimator name -> function of ``d = logp - ref_logp`` (elementwise). The allowed values of every
-``kl_estimator`` option are this dictionary's keys."""
+``kl_estimator`` option are this dictionary's keys.
+
+:meta hide-value:
+"""
 
 
 def register_kl_estimator(

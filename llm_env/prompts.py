@@ -30,8 +30,12 @@ __all__ = [
 ]
 
 PromptSource = str | os.PathLike | Iterable[Any]
+"""Where prompts come from: a JSONL path (one ``{"prompt": ...}`` object per line) or an iterable of strings,
+conversations or mappings with a ``prompt`` field (a ``datasets.Dataset`` among them)."""
 Prompt = str | Conversation
+"""One prompt: a plain string, or a conversation rendered with the tokenizer's chat template."""
 PromptOrder = Literal["shuffle", "sequential"]
+"""The order in which a sub-environment draws prompts: a seeded shuffle per pass, or the source's order."""
 
 
 def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:

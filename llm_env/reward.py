@@ -115,6 +115,7 @@ class ScoreStats:
         return cls(mean=float(scores.mean()), std=max(std, 1e-6), count=int(scores.numel()))
 
     def whiten(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(scores - mean) / std``: the scores on the scale of mean 0 and std 1 over the reference set."""
         return (scores - self.mean) / self.std
 
 
@@ -213,6 +214,7 @@ class SequenceClassifierReward:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters, where the scores are computed."""
         return model_device(self.model)
 
     def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:

@@ -38,6 +38,7 @@ __all__ = [
     "word_tokenizer",
 ]
 
+#: The special tokens of every tiny tokenizer, at ids 0, 1 and 2: padding, end of sequence, unknown word.
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
 
 
@@ -112,7 +113,8 @@ def numbered_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return _wrap(models.WordLevel(vocab=vocab, unk_token="<unk>"))
 
 
-# The ChatML layout of Qwen and SmolLM instruct models: each turn is "<|im_start|>role\ncontent<|im_end|>\n".
+#: The ChatML layout of Qwen and SmolLM instruct models: each turn is
+#: ``<|im_start|>role\ncontent<|im_end|>\n``.
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -214,10 +216,12 @@ def _decoder(**fields: Any) -> dict[str, Any]:
     return {**shape, **fields}
 
 
-# The architecture conformance matrix: name -> (transformers config class, causal-LM class, config fields).
-# Tiny random configurations of the families users bring, each with the feature that makes it different;
-# the sliding windows (4 tokens) are shorter than an episode, so decoding crosses them. Adding an
-# architecture to every conformance test is one line here.
+#: The architecture conformance matrix: name -> (transformers config class, causal-LM class, config fields).
+#: Tiny random configurations of the families users bring, each with the feature that makes it different;
+#: the sliding windows (4 tokens) are shorter than an episode, so decoding crosses them. Adding an
+#: architecture to every conformance test is one line here (:func:`tiny_causal_lm` builds one by name).
+#:
+#: :meta hide-value:
 TINY_ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=32, n_head=4, n_positions=256)),
     "llama": ("LlamaConfig", "LlamaForCausalLM", _decoder()),

@@ -12,6 +12,8 @@ from torch import nn
 __all__ = ["Schedule", "make_optimizer", "make_scheduler", "trainable_parameters"]
 
 Schedule = Literal["constant", "linear", "cosine"]
+"""The learning-rate schedules of :func:`make_scheduler` after its linear warmup: constant, linear or
+cosine decay."""
 
 
 def trainable_parameters(*modules: nn.Module) -> list[nn.Parameter]:

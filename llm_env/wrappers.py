@@ -57,12 +57,15 @@ class TorchToNumpy(VectorWrapper, RecordConstructorArgs):
     def reset(
         self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """:meth:`~llm_env.TextGenVectorEnv.reset` (same seeds and options) with numpy observations."""
         obs, info = self.env.reset(seed=seed, options=options)
         return _to_numpy(obs), info
 
     def step(
         self, actions: Any
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """:meth:`~llm_env.TextGenVectorEnv.step` with numpy observations (``int64``), rewards
+        (``float64``) and terminations / truncations (``bool``); actions and info pass through."""
         obs, rewards, terminations, truncations, info = self.env.step(actions)
         return (
             _to_numpy(obs),

@@ -30,6 +30,8 @@ from rewards.losses import normalize_level
 __all__ = ["Comparison", "PreferenceSource", "load_preferences", "save_preferences", "split_by_prompt"]
 
 PreferenceSource = str | os.PathLike | Iterable[Any]
+"""Where preferences come from: a JSONL path, or an iterable of rows as mappings (a ``datasets.Dataset``
+among them) or :class:`Comparison` objects."""
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,17 @@ class Comparison:
 
     @property
     def is_pair(self) -> bool:
+        """Whether this is a pair (two responses) rather than a K-way ranking."""
         return len(self.responses) == 2
 
     @property
     def chosen(self) -> str:
+        """The preferred response: the first, the best of a ranking."""
         return self.responses[0]
 
     @property
     def rejected(self) -> str:
+        """The rejected response: the last, the worst of a ranking."""
         return self.responses[-1]
 
     def to_dict(self) -> dict[str, Any]:

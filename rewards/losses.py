@@ -48,6 +48,9 @@ MARGIN_TABLES: dict[str, dict[str, float]] = {
     "small": dict(zip(LEVELS, (1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0))),
     "large": dict(zip(LEVELS, (3.0, 2.0, 1.0, 0.0))),
 }
+"""Llama 2's two margin tables (Touvron et al. 2023, Table 27, "Margin Small" and "Margin Large"): level ->
+margin ``m(r)`` subtracted from the score difference in :func:`llama2_margin_loss`, larger for pairs the
+annotator found more distinct."""
 
 MarginTable = Literal["small", "large"] | Mapping[str, float]
 

@@ -173,6 +173,7 @@ class RewardModel(SequenceClassifierReward):
     # ---------------------------------------------------------------------------------------- properties
     @property
     def is_lora(self) -> bool:
+        """Whether the backbone carries LoRA adapters (a peft model, merged into the weights when saved)."""
         return hasattr(self.model, "merge_and_unload")
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -187,10 +188,13 @@ class RewardModel(SequenceClassifierReward):
         return self
 
     def train(self, mode: bool = True) -> RewardModel:
+        """Put the model in training mode (``mode=False``: evaluation mode) and return ``self``, like
+        :meth:`torch.nn.Module.train`."""
         self.model.train(mode)
         return self
 
     def eval(self) -> RewardModel:
+        """Put the model in evaluation mode (dropout off) and return ``self``."""
         return self.train(False)
 
     # -------------------------------------------------------------------------------------------- LoRA

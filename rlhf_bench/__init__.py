@@ -3,7 +3,7 @@
 * :mod:`rlhf_bench.leaderboard`: ``llm-env benchmark``, the offline RLHF leaderboard (a built-in task with
   a gold rater, every registered agent trained on one environment, intervals, plots and a report);
 * :mod:`rlhf_bench.throughput`: ``llm-env bench-throughput``, rollout throughput of the environment against
-  the monolithic pipelines it replaces, with the scripts and recorded results of ``BENCHMARKS.md``;
+  the monolithic pipelines it replaces, with the scripts and recorded results of ``docs/results/throughput.md``;
 * :mod:`rlhf_bench.cli`: the ``llm-env`` dispatcher, to which ``agents`` and ``rewards`` add their
   subcommands.
 

@@ -238,3 +238,49 @@ def test_multiturn_example_learns_to_use_the_feedback(capsys):
 def test_multiturn_without_a_learning_rate_nothing_changes():
     result = run_multiturn("--lr", "0")
     assert result["after"] == result["before"]
+
+
+# ----------------------------------------------- the examples the tutorials walk through (docs/tutorials)
+def run_script(name: str, monkeypatch, *argv: str):
+    """Run ``examples/<name>.py``'s ``main()``, which reads its options from ``sys.argv``."""
+    module = load_example(name)
+    monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+    return module, module.main()
+
+
+def test_quickstart_prints_an_episode(monkeypatch, capsys):
+    run_script("quickstart", monkeypatch, "--num-envs", "4", "--max-new-tokens", "6")
+    printed = capsys.readouterr().out
+    assert "prompt:" in printed and "response:" in printed
+    assert "score:" in printed and "KL:" in printed and "return:" in printed
+
+
+def test_custom_agent_trains_on_its_toy_task(monkeypatch, capsys):
+    run_script("custom_agent", monkeypatch, "--updates", "3", "--episodes", "8")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("update")]
+    assert [line.split()[1] for line in lines] == ["0", "2"]  # every 5th update and the last
+    assert all("score" in line and "return" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_custom_agent_joins_the_leaderboard(tiny_cache, tmp_path, monkeypatch):
+    """``--leaderboard --tiny``: the registered REINFORCE agent gets a row next to SFT and PPO."""
+    import json
+
+    from rlhf_bench.leaderboard.harness import _REGISTRY
+
+    monkeypatch.setenv("LLM_ENV_CACHE", str(tiny_cache))  # the tiny models built once above
+    monkeypatch.chdir(tmp_path)
+    try:
+        run_script(
+            "custom_agent", monkeypatch, "--leaderboard", "--tiny", "--updates", "2", "--episodes", "8"
+        )
+    finally:
+        _REGISTRY.pop("reinforce", None)
+    board = json.loads((tmp_path / "runs" / "custom-agent" / "leaderboard.json").read_text())
+    assert {"sft", "ppo", "reinforce"} <= {row["agent"] for row in board["leaderboard"]}
+
+
+def test_sb3_example_runs(monkeypatch, capsys):
+    run_script("sb3_ppo", monkeypatch, "--iterations", "1")
+    assert "iteration  0  mean reward-model score" in capsys.readouterr().out

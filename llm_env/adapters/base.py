@@ -77,10 +77,12 @@ class GameEpisode:
 
     @property
     def done(self) -> bool:
+        """Whether the game has ended: its last reply ended the episode (a reply without text)."""
         return bool(self.replies) and self.replies[-1].text is None
 
     @property
     def total_reward(self) -> float:
+        """The sum of the game's rewards over the moves played so far."""
         return float(sum(self.rewards))
 
     def __getstate__(self) -> dict[str, Any]:

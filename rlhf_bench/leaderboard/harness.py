@@ -244,6 +244,7 @@ class BenchmarkContext:
 
     @property
     def tokenizer(self) -> Any:
+        """The task's tokenizer, shared by the policy, the reference and the environment."""
         return self.artifacts.tokenizer
 
     def record(self, name: str, **values: Any) -> None:

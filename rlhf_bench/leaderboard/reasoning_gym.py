@@ -466,7 +466,10 @@ REGISTERED: dict[str, Registered] = {
     ),
 }
 """The reasoning-gym tasks registered by name, at difficulties the quick settings' SFT policy partly learns
-(see the module docstring for what it scores)."""
+(see the module docstring for what it scores).
+
+:meta hide-value:
+"""
 
 for _name, _task in REGISTERED.items():
     register_task(

@@ -22,6 +22,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from rlhf_bench.leaderboard.table import (
     ranked,
 )
 
-__all__ = ["fit_best_of_n", "fit_rl", "format_table", "payload", "write_report"]
+__all__ = ["fit_best_of_n", "fit_rl", "format_table", "leaderboard_markdown", "payload", "write_report"]
 
 
 def fit_best_of_n(d: Sequence[float], gain: Sequence[float]) -> tuple[float, float]:
@@ -245,18 +246,7 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
                 f"| {p['k']} | {interval_cell('kl_measured', 3)(p)} | {p['kl_theory']:.3f} | "
                 f"{interval_cell('proxy', 3)(p)} | {interval_cell('gold', 3)(p)} |"
             )
-    header, body = pass_at_k_table(rows)
-    if body:
-        lines += [
-            "",
-            f"pass@k, unbiased estimate from {result.pass_at_k['samples']} samples on each held-out prompt "
-            "(Chen et al. 2021), with 95% intervals; an agent below the SFT policy at large k narrowed what "
-            "it samples (Yue et al. 2025):",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join("---" for _ in header) + "|",
-            *("| " + " | ".join(cells) + " |" for cells in body),
-        ]
+    lines += _pass_at_k_lines(rows, result.pass_at_k)
     if fits:
         lines += [
             "",
@@ -266,20 +256,9 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
         for name, fit in fits.items():
             lines.append(f"* {name}: alpha {fit['alpha']:.3f}, beta {fit['beta']:.3f}")
     if len(result.per_seed) > 1:
-        lines += [
-            "",
-            "## Every seed",
-            "",
-            "Each seed's own rows, intervals over its evaluation prompts only.",
-            "",
-        ]
-        for run in result.per_seed:
-            lines += [
-                f"### Seed {run['seed']}",
-                "",
-                format_table(ranked(run["rows"], result.has_gold), markdown=True),
-                "",
-            ]
+        lines += _per_seed_lines(
+            [(run["seed"], ranked(run["rows"], result.has_gold)) for run in result.per_seed]
+        )
     lines += [
         "",
         "Plots: `overoptimization.png`, `efficiency.png`, `training.png`, `reward_models.png`, "
@@ -289,6 +268,74 @@ def _markdown(result: Any, rows: list[dict[str, Any]], fits: dict[str, Any]) -> 
         "",
     ]
     return "\n".join(lines)
+
+
+def _pass_at_k_lines(rows: list[dict[str, Any]], pass_at_k: dict[str, Any] | None) -> list[str]:
+    """leaderboard.md's pass@k table with the line that introduces it (nothing off a verifiable task)."""
+    header, body = pass_at_k_table(rows)
+    if not body:
+        return []
+    return [
+        "",
+        f"pass@k, unbiased estimate from {(pass_at_k or {}).get('samples')} samples on each held-out prompt "
+        "(Chen et al. 2021), with 95% intervals; an agent below the SFT policy at large k narrowed what "
+        "it samples (Yue et al. 2025):",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in body),
+    ]
+
+
+def _per_seed_lines(runs: list[tuple[int, list[dict[str, Any]]]], level: int = 2) -> list[str]:
+    """leaderboard.md's "Every seed" section: each seed's own table, ranked, under a heading of ``level``."""
+    lines = [
+        "",
+        f"{'#' * level} Every seed",
+        "",
+        "Each seed's own rows, intervals over its evaluation prompts only.",
+        "",
+    ]
+    for seed, rows in runs:
+        lines += [f"{'#' * (level + 1)} Seed {seed}", "", format_table(rows, markdown=True), ""]
+    return lines
+
+
+def leaderboard_markdown(payload: dict[str, Any], *, per_seed: bool = False, heading_level: int = 2) -> str:
+    """The Markdown leaderboard of a ``leaderboard.json`` payload (the dict :func:`payload` returns and
+    :func:`write_report` saves), without running anything: the table and its caption exactly as the run's
+    ``leaderboard.md`` has them, then, on a verifiable task, the pass@k table.
+
+    The documentation's results pages render the recorded runs with it, so that their tables are generated
+    from the JSON the run wrote, never retyped. A payload trimmed of its samples, histories and per-seed
+    curves (the documentation keeps such copies) renders the same.
+
+    Args:
+        payload: the parsed ``leaderboard.json`` (keys ``leaderboard``, ``statistics``, ``seeds``,
+            ``settings``, ``pass_at_k``, ``task_settings`` and, for ``per_seed=True``, ``per_seed``).
+        per_seed: also append the "Every seed" section of ``leaderboard.md`` (each seed's own table) when
+            the run had more than one seed.
+        heading_level: the Markdown level of the "Every seed" heading (its seeds one level below).
+
+    Returns:
+        Markdown text: the table, a blank line, the caption, and the optional sections, ending in a newline.
+    """
+    rows = payload["leaderboard"]
+    has_gold = any(row.get("gold") is not None for row in rows)
+    result = SimpleNamespace(
+        statistics=payload.get("statistics") or {},
+        settings=payload.get("settings") or {},
+        seeds=payload.get("seeds") or [],
+        has_gold=has_gold,
+        pass_at_k=payload.get("pass_at_k"),
+        task_settings=payload.get("task_settings") or {},
+    )
+    lines = [format_table(rows, markdown=True), "", caption(result)]
+    lines += _pass_at_k_lines(rows, payload.get("pass_at_k"))
+    runs = payload.get("per_seed") or []
+    if per_seed and len(runs) > 1:
+        lines += _per_seed_lines([(run["seed"], run["leaderboard"]) for run in runs], heading_level)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def _samples_markdown(samples: list[dict[str, Any]]) -> str:

@@ -149,6 +149,8 @@ class Row:
     """Anything else a row carries into ``leaderboard.json`` (e.g. best-of-k's theoretical KL)."""
 
     def as_dict(self) -> dict[str, Any]:
+        """The row as ``leaderboard.json`` stores it: flat JSON values, pass@k as ``pass_at_{k}`` with
+        ``_low`` / ``_high``, ``extra`` merged in, and NaN written as ``None``."""
         out = {k: v for k, v in self.__dict__.items() if k not in ("extra", "pass_at_k")}
         for k, estimate in self.pass_at_k.items():
             out.update(

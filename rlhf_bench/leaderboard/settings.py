@@ -264,4 +264,5 @@ class BenchmarkSettings:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
+        """Every budget as a plain dictionary (written into ``leaderboard.json``)."""
         return dataclasses.asdict(self)

@@ -57,6 +57,7 @@ class Estimate:
 
     @property
     def half_width(self) -> float:
+        """Half the interval's width, the ``±`` of ``mean ± half_width`` for a symmetric interval."""
         return (self.high - self.low) / 2
 
 

@@ -66,8 +66,13 @@ COLUMNS: tuple[tuple[str, str, Callable[[dict[str, Any]], str]], ...] = (
     ("train_tokens_per_s", "train tokens/s", _plain("train_tokens_per_s", "{:.0f}")),
     ("tokens_per_s", "eval tokens/s", _plain("tokens_per_s", "{:.0f}")),
 )
-"""The leaderboard's columns: JSON key, title, cell formatter (intervals as ``mean [low, high]``)."""
+"""The leaderboard's columns: JSON key, title, cell formatter (intervals as ``mean [low, high]``).
 
+:meta hide-value:
+"""
+
+#: The columns of ``leaderboard.csv`` in order, intervals as ``<metric>``, ``<metric>_low``, ``<metric>_high``
+#: (:func:`csv_fields` adds the pass@k and paired-comparison columns a run carries).
 CSV_FIELDS = (
     "agent",
     *(f"{m}{suffix}" for m in ("gold", "proxy", "kl", "win_rate") for suffix in ("", "_low", "_high")),
@@ -139,6 +144,7 @@ def csv_fields(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
 
 
 def format_value(value: Any, pattern: str) -> str:
+    """``pattern.format(value)``, or ``-`` for a missing value (``None`` or NaN)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return pattern.format(value)

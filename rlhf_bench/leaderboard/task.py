@@ -28,6 +28,8 @@ import numpy as np
 __all__ = ["KIDS_TAG", "TASK_VERSION", "ReviewTask"]
 
 KIDS_TAG = "[kids]"
+"""The tag that opens the prompts asking for a review for children (``kids_fraction`` of them, a quarter by
+default); on those the gold rater's safety term penalises every word unfit for children."""
 TASK_VERSION = 4
 """Bumped whenever the generator, the gold rater or the way artifacts are built changes, so cached artifacts
 are rebuilt."""

@@ -57,7 +57,7 @@ The code splits at its seams: :mod:`~rlhf_bench.throughput.settings` (the option
 (the registry of rollout variants and the reported ratios), :mod:`~rlhf_bench.throughput.measure` (memory,
 timing, the run), :mod:`~rlhf_bench.throughput.report`, :mod:`~rlhf_bench.throughput.cli` and
 :mod:`~rlhf_bench.throughput.scaling` (the ratios to the floor across batch sizes and lengths). ``cpu.sh``
-and ``gpu.sh`` in this directory run the configurations of ``BENCHMARKS.md`` and ``check_targets.py`` checks
+and ``gpu.sh`` in this directory run the configurations of ``docs/results/throughput.md`` and ``check_targets.py`` checks
 the targets; the recorded reports are in ``results/``.
 
 Usage::

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU measurements of BENCHMARKS.md: fp32, random weights, everything in one process per configuration.
+# The CPU measurements of docs/results/throughput.md: fp32, random weights, everything in one process per configuration.
 # Run from the repository root on an otherwise idle machine: bash rlhf_bench/throughput/cpu.sh
 # The peers (trl-grpo, torchrl) need pip install -e ".[peers]"; without it they are skipped with a message.
 set -euo pipefail

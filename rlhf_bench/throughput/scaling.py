@@ -8,7 +8,7 @@ it vanishes behind the forward passes. Large cells (``large_tokens`` generated t
 ``large_repeats`` timed runs and no warm-up run: one run there lasts long enough that what a warm-up would
 absorb (allocating caches) is noise.
 
-Usage (the CPU sweep of BENCHMARKS.md; ``cpu.sh`` runs it)::
+Usage (the CPU sweep of docs/results/throughput.md; ``cpu.sh`` runs it)::
 
     python -m rlhf_bench.throughput.scaling --shape gpt2-small --threads 1 \\
         --out rlhf_bench/throughput/results/scaling-cpu
