@@ -223,8 +223,9 @@ def test_the_tiny_benchmark_runs_every_default_row_on_the_sorting_task(tmp_path,
     payload = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
     assert payload["task"] == "sorting" and payload["verifiable"] is True
     rows = {row["agent"]: row for row in payload["leaderboard"]}
-    expected = [name for name in select_agents(None) if name != "best-of-k"] + ["best-of-2", "ppo-beta-0.002"]
+    expected = [name for name in select_agents(None) if name != "best-of-k"] + ["best-of-2"]
     assert set(expected) <= set(rows), (expected, list(rows))
+    assert not any(name.startswith("ppo-beta") for name in rows)  # rlvr_settings: no proxy gap to sweep for
     for row in rows.values():  # the checker is reward and gold: the two columns agree
         assert row["gold"] == pytest.approx(row["proxy"]) and 0.0 <= row["gold"] <= 1.0
         assert math.isfinite(row["win_rate"])
@@ -327,7 +328,15 @@ def test_a_task_brings_its_own_settings_and_they_are_recorded():
     assert (tuned.update_epochs, tuned.minibatches) == (1, 1)
     assert tuned.token_budget == 5 * quick.token_budget and tuned.train_prompts == 8 * quick.train_prompts
     assert changed["update_epochs"] == {"preset": 4, "task": 1}
-    assert set(changed) == {"update_epochs", "minibatches", "ppo_lr", "token_budget", "train_prompts"}
+    assert set(changed) == {
+        "update_epochs",
+        "minibatches",
+        "ppo_lr",
+        "token_budget",
+        "train_prompts",
+        "sweep_kl_coefs",
+    }
+    assert changed["sweep_kl_coefs"] == {"preset": (0.002,), "task": ()}
     assert tuned.artifact_key() == quick.artifact_key()  # the cached SFT policy is the preset's
     assert task_settings("reviews", quick) == (quick, {})
     # Relative to the preset: the full run keeps its larger budget, times five.
