@@ -136,7 +136,8 @@ def provenance_line(payload: dict[str, Any]) -> str:
         parts.append(f"torch {versions['torch']}")
     if payload.get("seconds") is not None:
         parts.append(
-            f"agent sweep {payload['seconds']:.0f} s (building the SFT policy and reward models aside)"
+            f"{payload['seconds']:.0f} s from start to report (building the task's models included when the "
+            "cache did not hold them)"
         )
     return "; ".join(parts) + ". Recorded in `leaderboard.json` (`provenance`).\n"
 
