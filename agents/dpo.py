@@ -452,6 +452,37 @@ class PreferencePolicy:
         self.sampler = TokenSampler(self.policy, temperature=config.temperature, generator=self._generator)
         """The acting half: samples with the policy's KV cache (seeded with ``config.seed``)."""
 
+    def _preference_step(
+        self, batch: SequenceBatch, num_pairs: int, *, weight: float, temperature: float = 1.0
+    ) -> tuple[dict[str, float], float]:
+        """One optimizer step of offline and online DPO alike on this rank's pairs ``batch`` (chosen rows,
+        then their rejected rows) of a minibatch of ``num_pairs`` pairs over all ranks: the preference loss,
+        this rank's share of its gradient, clipping and the step. ``weight`` 0 makes a rank without pairs in
+        the minibatch join the gradient collective with a stand-in pair that counts for nothing;
+        ``temperature`` is the behaviour policy's (online DPO scores its own samples at the temperature it
+        drew them with). Returns this rank's weighted shares of the loss statistics (summed over the ranks
+        they give the minibatch's means) and the gradient norm (the same on every rank: the gradients are
+        averaged before clipping)."""
+        config = self.config
+        loss, stats = preference_loss(
+            self.policy,
+            self.reference,
+            batch,
+            beta=config.beta,
+            loss_type=config.loss_type,
+            average=config.average_logprobs,
+            temperature=temperature,
+            num_pairs=num_pairs,
+            trainer=self._trainer,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        # This rank's share of the minibatch's loss; DDP (or FSDP2) averages the ranks' gradients, hence N x.
+        (loss * (weight * self.world_size)).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.policy), config.max_grad_norm)
+        self.optimizer.step()
+        shares = {key: scalar(value) * weight for key, value in {"loss": loss, **stats}.items()}
+        return shares, scalar(grad_norm)
+
     def _counters(self) -> dict[str, Any]:
         """The agent's progress, saved in the checkpoint (its resume point)."""
         raise NotImplementedError
@@ -548,30 +579,14 @@ class DPOAgent(PreferencePolicy):
         return self._step(batch, num_pairs, weight=1.0)
 
     def _step(self, batch: SequenceBatch, num_pairs: int, *, weight: float) -> dict[str, float]:
-        """One optimizer step on this rank's pairs ``batch`` of a step of ``num_pairs`` pairs; ``weight`` 0 makes
-        a rank without pairs in this step join the gradient collective with a pair that counts for nothing."""
-        config = self.config
+        """One optimizer step on this rank's pairs ``batch`` of a step of ``num_pairs`` pairs, then the
+        schedule's step and the batch's means summed over the ranks."""
         self.policy.eval()  # no dropout: h is exactly 0 before the first step
-        loss, stats = preference_loss(
-            self.policy,
-            self.reference,
-            batch,
-            beta=config.beta,
-            loss_type=config.loss_type,
-            average=config.average_logprobs,
-            num_pairs=num_pairs,
-            trainer=self._trainer,
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        # This rank's share of the batch's loss; DDP (or FSDP2) averages the ranks' gradients, hence N x.
-        (loss * (weight * self.world_size)).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.policy), config.max_grad_norm)
-        self.optimizer.step()
+        shares, grad_norm = self._preference_step(batch, num_pairs, weight=weight)
         self.scheduler.step()
         self.step += 1
-        shares = {key: scalar(value) * weight for key, value in {"loss": loss, **stats}.items()}
         out = all_reduce_sums(shares, self.device)  # the shares add up to the batch's means
-        out["grad_norm"] = scalar(grad_norm)
+        out["grad_norm"] = grad_norm
         return out
 
     def _batch(self, data: PreferencePairs, index: np.ndarray) -> SequenceBatch:

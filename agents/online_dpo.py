@@ -41,10 +41,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from agents.dpo import LossType, PreferencePolicy, pair_batch, preference_loss
+from agents.dpo import LossType, PreferencePolicy, pair_batch
 from agents.policy import SequenceBatch
 from agents.rollout import Trajectories, collect_episodes
-from agents.tracking import scalar, tensorboard_writer
+from agents.tracking import tensorboard_writer
 from llm_env import AdapterDisabled, TextGenVectorEnv, TokenActions
 from llm_env.distributed import (
     Strategy,
@@ -58,7 +58,7 @@ from llm_env.distributed import (
     shard_prompts,
     stand_in,
 )
-from llm_env.training import make_scheduler, trainable_parameters
+from llm_env.training import make_scheduler
 
 __all__ = ["OnlineDPOAgent", "OnlineDPOConfig"]
 
@@ -276,7 +276,6 @@ class OnlineDPOAgent(PreferencePolicy):
         are counted over all ranks.
         """
         config = self.config
-        world = self.world_size
         start_time = time.perf_counter()
         batch, _ = self.pairs(trajectories)
         n = len(batch) // 2 if batch is not None else 0
@@ -296,28 +295,13 @@ class OnlineDPOAgent(PreferencePolicy):
                 rows, placeholder = stand_in(dealt.rows)  # this rank's pairs of the minibatch
                 weight = 0.0 if placeholder else 1.0
                 sub = batch.select(torch.cat([rows, rows + held]))  # chosen rows, then their rejected rows
-                loss, loss_stats = preference_loss(
-                    self.policy,
-                    self.reference,
-                    sub,
-                    beta=config.beta,
-                    loss_type=config.loss_type,
-                    average=config.average_logprobs,
-                    temperature=config.temperature,
-                    num_pairs=dealt.size,
-                    trainer=self._trainer,
+                step_shares, grad_norm = self._preference_step(
+                    sub, dealt.size, weight=weight, temperature=config.temperature
                 )
-                self.optimizer.zero_grad(set_to_none=True)
-                # This rank's share of the minibatch loss; DDP averages the ranks' gradients, hence N x.
-                (loss * (weight * world)).backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    trainable_parameters(self.policy), config.max_grad_norm
-                )
-                self.optimizer.step()
                 self.optimizer_steps += 1
-                for key, value in {"loss": loss, **loss_stats}.items():
-                    shares.setdefault(key, []).append(scalar(value) * weight)
-                grad_norms.append(scalar(grad_norm))
+                for key, value in step_shares.items():
+                    shares.setdefault(key, []).append(value)
+                grad_norms.append(grad_norm)
         with warnings.catch_warnings():  # an update of ties only steps the schedule, not the optimizer
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
