@@ -36,9 +36,10 @@ def add_parser(subparsers: Any) -> None:
             "Builds (or reuses from the cache) a task's tiny SFT policy and reward: by default the review task "
             "(simulated preferences and proxy reward models, scored by a gold rater), with --task sorting or a "
             "reasoning-gym task a verifiable one (a checker is both reward and gold). Then trains and evaluates every registered agent "
-            "on the same environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep), GRPO (KL in the reward and "
-            "in the loss), RLOO, rejection sampling then PPO, Stable-Baselines3 PPO and a random agent; --agents all "
-            "adds Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. Every score, win-rate and KL carries a 95% bootstrap "
+            "on the same environment: SFT, best-of-k, rejection sampling, PPO (with a beta sweep on the review task), "
+            "GRPO, RLOO, offline DPO, online DPO, Stable-Baselines3 PPO and a random agent; --agents all adds GRPO "
+            "with the KL in the loss, rejection sampling then PPO, Dr. GRPO, DAPO, GSPO, REINFORCE++ and ReMax. "
+            "Every score, win-rate and KL carries a 95% bootstrap "
             "interval (over the held-out prompts, and over seeds with --seeds N), every row states what it consumed "
             "(sampled tokens, reward-model calls, gradient steps, wall time). Writes the leaderboard (Markdown, CSV, "
             "JSON with versions, settings and seeds), plots, samples and a self-contained report.html to --out."
@@ -93,7 +94,8 @@ def add_parser(subparsers: Any) -> None:
         "a checker); after pip install -e '.[tasks]', reasoning-gym:<dataset> (any reasoning-gym dataset, its "
         "score_answer the checker), rg-spell-backward or rg-count-bits (reasoning in a scratchpad first; "
         "reasoning-gym datasets at a difficulty the tiny policies partly learn); tasks registered with "
-        "rlhf_bench.leaderboard.register_task work too",
+        "rlhf_bench.leaderboard.register_task work too; guess-number is multi-turn (a responder answers each "
+        "guess)",
     )
     parser.add_argument(
         "--no-task-settings",
@@ -107,8 +109,8 @@ def add_parser(subparsers: Any) -> None:
         "--nproc",
         type=_int_at_least(1),
         default=1,
-        help="train PPO (and its sweep) and rejection sampling on N local processes through torchrun's "
-        "launcher (one GPU each with --device cuda; on CPU they share the cores); evaluation stays in this "
+        help="train the data-parallel rows (PPO and its sweep, rejection sampling, the critic-free agents, "
+        "offline and online DPO) on N local processes through torchrun's launcher (one GPU each with --device cuda; on CPU they share the cores); evaluation stays in this "
         "process (default: 1)",
     )
     own = parser.add_argument_group("bring your own models and data (paths or hub names)")

@@ -164,7 +164,8 @@ def run_benchmark(
         policy, reference, reward_model, prompts, gold_reward_model: run on your own models and prompts
             instead of the built-in task (paths or hub names); without a gold model the leaderboard ranks by
             the reward model and reports no gold score.
-        nproc: train PPO (with its sweep) and rejection sampling on this many local processes
+        nproc: train the data-parallel entries (``launch.DATA_PARALLEL_ENTRIES``: PPO with its sweep,
+            rejection sampling, the critic-free agents, offline and online DPO) on this many local processes
             (:mod:`rlhf_bench.leaderboard.launch`); evaluation stays in this process.
         use_task_settings: apply the task's own settings to ``settings`` (e.g. the sorting task's budget and
             update shape; :func:`~rlhf_bench.leaderboard.tasks.task_settings`), recorded in the result's
