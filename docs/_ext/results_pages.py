@@ -12,7 +12,7 @@ extension renders every run into Markdown files next to its JSON, which the page
 * ``provenance.md``: the command, the git commit (and whether the checkout had uncommitted changes), the
   device and thread count, the versions and the run's total time, from its ``provenance``.
 
-The extension also keeps ``results/data`` and ``results/full-run`` out of the documents Sphinx reads on its
+The extension also keeps ``results/data`` out of the documents Sphinx reads on its
 own (they are included, not pages). To add a run::
 
     python docs/_ext/results_pages.py runs/benchmark/leaderboard.json docs/results/data/<run>/leaderboard.json
@@ -142,6 +142,15 @@ def provenance_line(payload: dict[str, Any]) -> str:
     return "; ".join(parts) + ". Recorded in `leaderboard.json` (`provenance`).\n"
 
 
+def every_seed(payload: dict[str, Any]) -> str:
+    """Each seed's own leaderboard (leaderboard.md's "Every seed" tables, without its heading), for a
+    multi-seed run without a paired difference to tabulate; ``(one seed)`` for a one-seed run."""
+    if len(payload.get("per_seed") or []) < 2:
+        return "(one seed)\n"
+    whole = leaderboard_markdown(payload, per_seed=True, heading_level=2)
+    return whole[whole.index("Each seed's own rows") :]
+
+
 def render_run(directory: Path) -> list[Path]:
     """Write ``table.md``, ``seeds.md`` and ``provenance.md`` for the run in ``directory`` from its
     ``leaderboard.json``; return the files written (an unchanged file is not rewritten)."""
@@ -149,7 +158,7 @@ def render_run(directory: Path) -> list[Path]:
     written = []
     for name, text in (
         ("table.md", leaderboard_markdown(payload)),
-        ("seeds.md", seed_table(payload) or "(one seed)\n"),
+        ("seeds.md", seed_table(payload) or every_seed(payload)),
         ("provenance.md", provenance_line(payload)),
     ):
         path = directory / name
@@ -186,7 +195,7 @@ def _builder_inited(app: Any) -> None:
 
 
 def _config_inited(app: Any, config: Any) -> None:
-    config.exclude_patterns = [*config.exclude_patterns, "results/data/**", "results/full-run/**"]
+    config.exclude_patterns = [*config.exclude_patterns, "results/data/**"]
 
 
 def setup(app: Any) -> dict[str, Any]:
